@@ -1,0 +1,180 @@
+"""Source contracts: what a source's records must look like once they reach silver.
+
+A contract is one TOML file per source (``config/sources/<name>.toml`` for the
+built-ins, plus an optional operator directory). It names the typed fields, the
+key that de-duplicates silver, the event-time column, and the gold tables
+derived from the source.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+FIELD_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+BUILTIN_CONTRACTS_DIR = Path(__file__).parent / "sources"
+
+FieldType = Literal["string", "int", "float", "bool", "timestamp"]
+
+
+class ContractError(ValueError):
+    """A contract file is unreadable or breaks a rule; the message names file and field."""
+
+
+def is_valid_source_name(name: str) -> bool:
+    """Source names become directory names: lowercase identifiers only, no path tricks."""
+    return bool(SOURCE_NAME_RE.fullmatch(name))
+
+
+_DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``"15m"``, ``"1h"``, ``"1d"`` style durations."""
+    match = _DURATION_RE.fullmatch(text)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"invalid duration {text!r}: expected a positive <n>s|m|h|d such as '1h'")
+    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Strict):
+    """One typed column of the silver table."""
+
+    name: str = Field(pattern=FIELD_NAME_RE.pattern)
+    type: FieldType
+    required: bool = False
+
+
+class WindowGold(_Strict):
+    """Time-window aggregates (count, min, max, avg, sum) of one value per group."""
+
+    name: str = Field(pattern=SOURCE_NAME_RE.pattern)
+    kind: Literal["window"]
+    every: str
+    group_by: list[str] = Field(min_length=1)
+    value: str
+
+    @field_validator("every")
+    @classmethod
+    def _valid_every(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class LatestGold(_Strict):
+    """The latest value (by event time) per group."""
+
+    name: str = Field(pattern=SOURCE_NAME_RE.pattern)
+    kind: Literal["latest"]
+    group_by: list[str] = Field(min_length=1)
+    value: str
+
+
+GoldSpec = Annotated[WindowGold | LatestGold, Field(discriminator="kind")]
+
+
+class SourceContract(_Strict):
+    """The declared shape of one source, applied when bronze rows are promoted to silver."""
+
+    name: str = Field(pattern=SOURCE_NAME_RE.pattern)
+    description: str = ""
+    fields: list[FieldSpec] = Field(min_length=1)
+    keys: list[str] = Field(min_length=1)
+    event_time: str
+    gold: list[GoldSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceContract:
+        types = {f.name: f.type for f in self.fields}
+        if len(types) != len(self.fields):
+            raise ValueError("field names must be unique")
+        for key in self.keys:
+            if key not in types:
+                raise ValueError(f"key column {key!r} is not a declared field")
+        if types.get(self.event_time) != "timestamp":
+            raise ValueError(f"event_time {self.event_time!r} must be a declared timestamp field")
+        names = [g.name for g in self.gold]
+        if len(set(names)) != len(names):
+            raise ValueError("gold table names must be unique")
+        for spec in self.gold:
+            for column in [*spec.group_by, spec.value]:
+                if column not in types:
+                    raise ValueError(f"gold {spec.name!r} uses undeclared field {column!r}")
+            if types[spec.value] not in ("int", "float"):
+                raise ValueError(f"gold {spec.name!r} value {spec.value!r} must be numeric")
+        return self
+
+    @property
+    def field_types(self) -> dict[str, FieldType]:
+        """Field name to declared type, in declaration order."""
+        return {f.name: f.type for f in self.fields}
+
+    @property
+    def required_fields(self) -> list[str]:
+        """Fields that must be present and valid (keys are always required)."""
+        return [f.name for f in self.fields if f.required or f.name in self.keys]
+
+
+def load_contract_file(path: Path) -> SourceContract:
+    """Read and validate one contract file; errors name the file and the field."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ContractError(f"{path}: cannot read contract: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ContractError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        contract = SourceContract.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<file>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ContractError(f"{path}: {problems}") from None
+    if contract.name != path.stem:
+        raise ContractError(f"{path}: contract name {contract.name!r} must match the file name")
+    return contract
+
+
+@dataclass(frozen=True)
+class ContractRegistry(Mapping[str, SourceContract]):
+    """All known sources by name. Unknown sources are rejected by the writers (404)."""
+
+    contracts: Mapping[str, SourceContract]
+
+    def __getitem__(self, name: str) -> SourceContract:
+        return self.contracts[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.contracts))
+
+    def __len__(self) -> int:
+        return len(self.contracts)
+
+
+def load_contracts(extra_dir: Path | None = None) -> ContractRegistry:
+    """Load the built-in contracts, then those in ``extra_dir`` (same name replaces built-in)."""
+    contracts: dict[str, SourceContract] = {}
+    directories = [BUILTIN_CONTRACTS_DIR]
+    if extra_dir is not None:
+        if not extra_dir.is_dir():
+            raise ContractError(f"{extra_dir}: contracts directory does not exist")
+        directories.append(extra_dir)
+    for directory in directories:
+        for path in sorted(directory.glob("*.toml")):
+            contract = load_contract_file(path)
+            contracts[contract.name] = contract
+    return ContractRegistry(contracts)

@@ -1,0 +1,220 @@
+"""Bronze: landing files appended to ``bronze/<source>`` exactly once.
+
+Invariant protected here: every landing file's records appear in bronze
+exactly once, whatever instant the process dies at.
+
+How: a batch of landing files is first *claimed* by renaming it into
+``landing/.inflight/<source>/<seq>/``, where ``seq`` is one more than the
+batch sequence bronze has recorded (the application transaction
+``lakehouse/bronze``). The Delta append records ``seq`` in the same commit.
+After a crash, a leftover claim whose ``seq`` is already recorded was
+committed (only the archive move is redone); otherwise it is appended again
+under the same ``seq``. Only one processor runs per data directory (see
+:mod:`delta_processing.processor`), so sequences never race.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import structlog
+
+from delta_processing.crashpoints import CrashPoints
+from delta_processing.tables import TableStore, append, commit_marker, consumed_version
+from landing_zone.formats import BatchDecodeError, read_batch_file
+from landing_zone.layout import LandingLayout, fsync_directory
+
+BRONZE_APP_ID = "lakehouse/bronze"
+LINEAGE_COLUMNS = ("_source", "_landing_file", "_batch_id", "_row", "_ingested_at")
+
+# Delta (without column mapping) forbids these characters in column names.
+_INVALID_COLUMN_CHARS = re.compile(r"[ ,;{}()\n\t=]")
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BronzeBatchResult:
+    """What one bronze micro-batch did."""
+
+    source: str
+    seq: int
+    files: int
+    rows: int
+    quarantined_files: int
+
+
+@dataclass(frozen=True)
+class BronzeLimits:
+    """Micro-batch bounds: at most this many files / bytes per bronze commit."""
+
+    max_files: int
+    max_bytes: int
+    max_file_bytes: int
+
+
+class BronzeIngestor:
+    """Moves landing files of one data directory into bronze tables."""
+
+    def __init__(
+        self,
+        layout: LandingLayout,
+        store: TableStore,
+        limits: BronzeLimits,
+        crash_points: CrashPoints,
+    ) -> None:
+        self._layout = layout
+        self._store = store
+        self._limits = limits
+        self._crash = crash_points
+
+    def recover(self, source: str) -> list[BronzeBatchResult]:
+        """Finish claims left by a previous run: archive committed ones, commit the rest."""
+        results = []
+        for seq, directory in self._layout.inflight_batches(source):
+            committed = consumed_version(self._store.open("bronze", source), BRONZE_APP_ID) or 0
+            if seq <= committed:
+                log.info("bronze.recover.already_committed", source=source, seq=seq)
+                self._archive(source, directory)
+            else:
+                log.info("bronze.recover.recommit", source=source, seq=seq)
+                results.append(self._commit_claim(source, seq, directory))
+        return results
+
+    def ingest_next(self, source: str) -> BronzeBatchResult | None:
+        """Claim and append the next micro-batch of ``source``; ``None`` when nothing waits."""
+        files = self._select(self._layout.pending_files(source))
+        if not files:
+            return None
+        committed = consumed_version(self._store.open("bronze", source), BRONZE_APP_ID) or 0
+        seq = committed + 1
+        claim_dir = self._layout.inflight_dir(source, seq)
+        claim_dir.mkdir(parents=True, exist_ok=True)
+        fsync_directory(claim_dir.parent)
+        for path in files:
+            os.rename(path, claim_dir / path.name)
+        fsync_directory(claim_dir)
+        self._crash.reached("after_claim")
+        return self._commit_claim(source, seq, claim_dir)
+
+    def _select(self, pending: list[Path]) -> list[Path]:
+        chosen: list[Path] = []
+        total = 0
+        for path in pending[: self._limits.max_files]:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if chosen and total + size > self._limits.max_bytes:
+                break
+            chosen.append(path)
+            total += size
+        return chosen
+
+    def _commit_claim(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
+        ingested_at = datetime.now(UTC)
+        frames: list[pl.DataFrame] = []
+        quarantined = 0
+        files = sorted(p for p in claim_dir.iterdir() if p.is_file())
+        for path in files:
+            try:
+                raw = read_batch_file(
+                    path.read_bytes(), path.name, self._limits.max_file_bytes
+                )
+            except BatchDecodeError as exc:
+                self._quarantine_file(source, path, str(exc))
+                quarantined += 1
+                continue
+            frames.append(with_lineage(raw, source, path.name, ingested_at))
+        rows = 0
+        if frames:
+            batch = pl.concat(frames, how="diagonal_relaxed")
+            rows = batch.height
+            append(
+                self._store.uri("bronze", source),
+                batch,
+                commit_marker(BRONZE_APP_ID, seq, **{"lakehouse.files": str(len(frames))}),
+                evolve_schema=True,
+                cdf=True,
+            )
+            self._crash.reached("after_bronze_commit")
+        log.info(
+            "bronze.committed",
+            source=source,
+            seq=seq,
+            files=len(frames),
+            rows=rows,
+            quarantined_files=quarantined,
+        )
+        self._archive(source, claim_dir)
+        return BronzeBatchResult(source, seq, len(frames), rows, quarantined)
+
+    def _archive(self, source: str, claim_dir: Path) -> None:
+        """Move a committed claim's files out of the landing zone, then drop the claim."""
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        target = self._layout.archive_dir(source, day)
+        target.mkdir(parents=True, exist_ok=True)
+        for index, path in enumerate(sorted(claim_dir.iterdir())):
+            shutil.move(path, target / path.name)
+            if index == 0:
+                self._crash.reached("mid_archive")
+        fsync_directory(target)
+        claim_dir.rmdir()
+        fsync_directory(claim_dir.parent)
+
+    def _quarantine_file(self, source: str, path: Path, error: str) -> None:
+        """Set aside a file that cannot be read at all, with an error file beside it."""
+        target_dir = self._layout.quarantine_files_dir(source)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        report = {
+            "file": path.name,
+            "source": source,
+            "error": error,
+            "quarantined_at": datetime.now(UTC).isoformat(),
+        }
+        error_path = target_dir / f"{path.name}.error.json"
+        error_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        shutil.move(path, target_dir / path.name)
+        fsync_directory(target_dir)
+        log.warning("bronze.file_quarantined", source=source, file=path.name, error=error)
+
+
+def with_lineage(
+    raw: pl.DataFrame, source: str, landing_file: str, ingested_at: datetime
+) -> pl.DataFrame:
+    """Add bronze lineage columns to a raw batch (pure; column names made Delta-safe)."""
+    renamed = raw.rename(delta_safe_names(raw.columns))
+    batch_id = landing_file.split(".", 1)[0]
+    return renamed.with_columns(
+        pl.lit(source).alias("_source"),
+        pl.lit(landing_file).alias("_landing_file"),
+        pl.lit(batch_id).alias("_batch_id"),
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+        pl.lit(ingested_at).dt.cast_time_unit("us").alias("_ingested_at"),
+    )
+
+
+def delta_safe_names(columns: list[str]) -> dict[str, str]:
+    """Rename record fields that Delta cannot store as-is.
+
+    Characters Delta forbids become ``_``; names clashing with lineage columns or
+    (case-insensitively, as Delta compares) with each other get a numeric suffix.
+    """
+    taken = {name.lower() for name in LINEAGE_COLUMNS}
+    mapping: dict[str, str] = {}
+    for column in columns:
+        candidate = _INVALID_COLUMN_CHARS.sub("_", column) or "_blank"
+        base, suffix = candidate, 1
+        while candidate.lower() in taken:
+            candidate = f"{base}_{suffix}"
+            suffix += 1
+        taken.add(candidate.lower())
+        mapping[column] = candidate
+    return mapping

@@ -1,0 +1,152 @@
+"""Coercions: raw (string) bronze values to the types a source contract declares.
+
+Pure Polars expressions, no I/O. Every value either converts or yields a
+reason naming the field and the offending raw value; nothing is silently
+turned into null.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from config.contracts import FieldType, SourceContract
+
+SILVER_TIME = pl.Datetime("us", "UTC")
+REASON_COLUMN = "_reason"
+
+SILVER_DTYPES: dict[FieldType, pl.DataType] = {
+    "string": pl.String(),
+    "int": pl.Int64(),
+    "float": pl.Float64(),
+    "bool": pl.Boolean(),
+    "timestamp": SILVER_TIME,
+}
+
+# Accepted spellings of timestamps, tried in order. Offsets are converted to UTC;
+# values without an offset are taken as UTC.
+_ZONED_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f%z",
+    "%Y-%m-%d %H:%M:%S%.f%z",
+    "%Y-%m-%dT%H:%M%z",
+)
+_NAIVE_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+)
+_NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+
+
+def parse_timestamp(raw: pl.Expr) -> pl.Expr:
+    """ISO-8601 (with or without offset; ``Z`` allowed) or epoch milliseconds, to UTC."""
+    text = raw.str.strip_chars()
+    zoned = text.str.replace(r"[zZ]$", "+00:00")
+    candidates = [
+        zoned.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        for fmt in _ZONED_FORMATS
+    ] + [
+        text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+        for fmt in _NAIVE_FORMATS
+    ]
+    epoch_ms = (
+        pl.when(text.str.contains(_NUMBER))
+        .then((text.cast(pl.Float64, strict=False) * 1000).round(0).cast(pl.Int64, strict=False))
+        .otherwise(None)
+    )
+    epoch = epoch_ms.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    return pl.coalesce([*candidates, epoch])
+
+
+def parse_float(raw: pl.Expr) -> pl.Expr:
+    """Finite decimal numbers only: NaN and infinities are not readings."""
+    value = raw.str.strip_chars().cast(pl.Float64, strict=False)
+    return pl.when(value.is_finite()).then(value).otherwise(None)
+
+
+def parse_int(raw: pl.Expr) -> pl.Expr:
+    """Integers, also when spelled as an integral float (``"3.0"``)."""
+    text = raw.str.strip_chars()
+    as_float = text.cast(pl.Float64, strict=False)
+    integral = pl.when(as_float.is_finite() & (as_float == as_float.round(0))).then(as_float)
+    return pl.coalesce([text.cast(pl.Int64, strict=False), integral.cast(pl.Int64, strict=False)])
+
+
+def parse_bool(raw: pl.Expr) -> pl.Expr:
+    """``true/false``, ``1/0``, ``yes/no`` in any case."""
+    text = raw.str.strip_chars().str.to_lowercase()
+    return (
+        pl.when(text.is_in(["true", "1", "yes"]))
+        .then(True)
+        .when(text.is_in(["false", "0", "no"]))
+        .then(False)
+        .otherwise(None)
+    )
+
+
+_PARSERS = {
+    "string": lambda raw: raw,
+    "int": parse_int,
+    "float": parse_float,
+    "bool": parse_bool,
+    "timestamp": parse_timestamp,
+}
+
+
+def typed_columns(contract: SourceContract, columns: list[str]) -> list[pl.Expr]:
+    """One expression per contract field: the field converted to its declared type."""
+    exprs = []
+    for name, ftype in contract.field_types.items():
+        raw = pl.col(name) if name in columns else pl.lit(None, dtype=pl.String)
+        exprs.append(_PARSERS[ftype](raw).cast(SILVER_DTYPES[ftype]).alias(name))
+    return exprs
+
+
+def violation_reasons(contract: SourceContract, columns: list[str]) -> pl.Expr:
+    """``_reason``: why a row breaks the contract (``;``-joined), or null if it does not.
+
+    Must be evaluated on a frame that holds both raw columns (as ``<name>``) and
+    typed columns (as ``<name>__typed``).
+    """
+    required = set(contract.required_fields)
+    reasons = []
+    for name, ftype in contract.field_types.items():
+        raw = pl.col(name) if name in columns else pl.lit(None, dtype=pl.String)
+        typed = pl.col(f"{name}__typed")
+        if name in required:
+            reasons.append(
+                pl.when(raw.is_null()).then(pl.lit(f"{name}: required field is missing"))
+            )
+        reasons.append(
+            pl.when(raw.is_not_null() & typed.is_null()).then(
+                pl.format("{}: cannot parse {} as {}", pl.lit(name), _quoted(raw), pl.lit(ftype))
+            )
+        )
+    joined = pl.concat_str(reasons, separator="; ", ignore_nulls=True)
+    return pl.when(joined.str.len_chars() > 0).then(joined).otherwise(None).alias(REASON_COLUMN)
+
+
+def _quoted(raw: pl.Expr) -> pl.Expr:
+    shown = pl.when(raw.str.len_chars() > 80).then(raw.str.slice(0, 77) + "...").otherwise(raw)
+    return pl.concat_str([pl.lit("'"), shown, pl.lit("'")])
+
+
+def apply_contract(
+    bronze_rows: pl.DataFrame, contract: SourceContract
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Split raw bronze rows into ``(typed, rejected)``.
+
+    ``typed`` has the contract's columns with their declared types plus the row's
+    lineage; ``rejected`` keeps every raw column plus ``_reason``.
+    """
+    columns = bronze_rows.columns
+    typed_exprs = [e.name.suffix("__typed") for e in typed_columns(contract, columns)]
+    checked = bronze_rows.with_columns(typed_exprs).with_columns(
+        violation_reasons(contract, columns)
+    )
+    ok = pl.col(REASON_COLUMN).is_null()
+    rejected = checked.filter(~ok).select([*columns, REASON_COLUMN])
+    typed = checked.filter(ok).select(
+        [pl.col(f"{name}__typed").alias(name) for name in contract.field_types]
+        + [c for c in columns if c.startswith("_")]
+    )
+    return typed, rejected

@@ -1,0 +1,118 @@
+"""Delta table locations and the small set of Delta operations every stage shares.
+
+Exactly-once promotion rests on one mechanism: each stage writes the upstream
+position it consumed as a Delta *application transaction* inside the same
+commit as its data (``txn`` action, as kafka-delta-ingest and Spark Structured
+Streaming do). Reading that position back (:func:`consumed_version`) after a
+crash says exactly where to resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+Layer = Literal["bronze", "silver", "gold", "quarantine"]
+LAYERS: tuple[Layer, ...] = ("bronze", "silver", "gold", "quarantine")
+
+# Stage tables are read by change data feed downstream.
+CDF_CONFIGURATION = {"delta.enableChangeDataFeed": "true"}
+
+
+@dataclass(frozen=True)
+class TableStore:
+    """Resolves ``<layer>/<name>`` to Delta table URIs under the data directory."""
+
+    data_dir: Path
+
+    def uri(self, layer: Layer, name: str) -> str:
+        return str(self.data_dir / layer / name)
+
+    def open(self, layer: Layer, name: str, version: int | None = None) -> DeltaTable | None:
+        """The table, or ``None`` if it was never created."""
+        try:
+            return DeltaTable(self.uri(layer, name), version=version)
+        except TableNotFoundError:
+            return None
+
+    def list(self, layer: Layer) -> list[str]:
+        """Names of the Delta tables of one layer."""
+        root = self.data_dir / layer
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir())
+
+
+def consumed_version(table: DeltaTable | None, app_id: str) -> int | None:
+    """The upstream version ``app_id`` recorded in ``table``, or ``None`` if never."""
+    return None if table is None else table.transaction_version(app_id)
+
+
+def commit_marker(app_id: str, version: int, **metadata: str) -> CommitProperties:
+    """Commit properties that record ``version`` for ``app_id`` in the same commit as the data."""
+    return CommitProperties(
+        app_transactions=[Transaction(app_id, version)],
+        custom_metadata=metadata or None,
+    )
+
+
+def to_arrow(frame: pl.DataFrame) -> pa.Table:
+    """Arrow for Delta writes, without view types so every Delta reader can read the table."""
+    return frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+
+
+def ensure_table(
+    store: TableStore, layer: Layer, name: str, schema: pl.Schema, *, cdf: bool
+) -> DeltaTable:
+    """Open the table, creating it empty with ``schema`` if it does not exist yet."""
+    table = store.open(layer, name)
+    if table is not None:
+        return table
+    empty = to_arrow(pl.DataFrame(schema=schema))
+    return DeltaTable.create(
+        store.uri(layer, name),
+        schema=empty.schema,
+        mode="ignore",
+        configuration=CDF_CONFIGURATION if cdf else None,
+    )
+
+
+def append(
+    target: str | DeltaTable,
+    frame: pl.DataFrame,
+    marker: CommitProperties,
+    *,
+    evolve_schema: bool = False,
+    cdf: bool = False,
+) -> None:
+    """Append ``frame`` and the marker in one commit (an empty frame commits just the marker)."""
+    write_deltalake(
+        target,
+        to_arrow(frame),
+        mode="append",
+        schema_mode="merge" if evolve_schema else None,
+        configuration=CDF_CONFIGURATION if cdf else None,
+        commit_properties=marker,
+    )
+
+
+def key_predicate(keys: list[str]) -> str:
+    """MERGE predicate joining source ``s`` to target ``t`` on ``keys``."""
+    return " AND ".join(f't."{key}" = s."{key}"' for key in keys)
+
+
+def read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
+    """Change data feed rows of versions ``start..end`` (inclusive)."""
+    reader = table.load_cdf(starting_version=start, ending_version=end)
+    return pl.DataFrame(pa.table(reader.read_all()))
+
+
+def read_snapshot(table: DeltaTable) -> pl.LazyFrame:
+    """A lazy scan of the table at the version ``table`` is loaded at."""
+    return pl.scan_delta(table)

@@ -1,0 +1,268 @@
+"""Decoding of batches (request bodies and dropped files) into raw record frames.
+
+Every writer and the bronze job read batches through this module, so a record
+means the same thing whichever way it arrived. Records come out *raw*: every
+column is a string (numbers and booleans in their JSON spelling, nested
+objects and arrays as JSON text), like Auto Loader's schema-less JSON mode.
+Typing happens in silver, against the source contract; bronze therefore never
+rejects a record for its shape, whatever JSON the sender invents.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from collections.abc import Callable
+from typing import Literal
+
+import polars as pl
+
+BatchFormat = Literal["json", "ndjson", "csv", "parquet"]
+
+CONTENT_TYPES: dict[str, BatchFormat] = {
+    "application/json": "json",
+    "application/x-ndjson": "ndjson",
+    "application/ndjson": "ndjson",
+    "application/jsonl": "ndjson",
+    "application/json-lines": "ndjson",
+    "text/csv": "csv",
+    "application/vnd.apache.parquet": "parquet",
+    "application/x-parquet": "parquet",
+}
+
+FILE_SUFFIXES: dict[str, BatchFormat] = {
+    ".json": "json",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+class BatchDecodeError(ValueError):
+    """Base of the errors raised while turning bytes into records."""
+
+
+class UnsupportedFormat(BatchDecodeError):
+    """The content type or file suffix names no format we can read."""
+
+
+class MalformedBatch(BatchDecodeError):
+    """The bytes do not parse as the declared format.
+
+    ``line`` (1-based, for text formats) or ``record`` (1-based) says where, when known.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None, record: int | None = None):
+        where = f"line {line}: " if line is not None else ""
+        where = where or (f"record {record}: " if record is not None else "")
+        super().__init__(where + message)
+        self.line = line
+        self.record = record
+
+
+class BatchTooLarge(BatchDecodeError):
+    """The batch decompresses to more bytes than allowed."""
+
+
+def format_for_content_type(content_type: str | None) -> BatchFormat:
+    """Map a ``Content-Type`` header (parameters ignored) to a batch format."""
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    try:
+        return CONTENT_TYPES[media_type]
+    except KeyError:
+        accepted = ", ".join(sorted(CONTENT_TYPES))
+        shown = media_type or "<none>"
+        raise UnsupportedFormat(
+            f"unsupported content type {shown!r}; accepted: {accepted}"
+        ) from None
+
+
+def format_for_filename(name: str) -> tuple[BatchFormat, bool]:
+    """Map a landing file name to ``(format, gzipped)``; ``.gz`` may follow any text suffix."""
+    gzipped = name.endswith(".gz")
+    stem = name[: -len(".gz")] if gzipped else name
+    for suffix, fmt in FILE_SUFFIXES.items():
+        if stem.endswith(suffix):
+            return fmt, gzipped
+    raise UnsupportedFormat(f"file {name!r} has no supported suffix ({', '.join(FILE_SUFFIXES)})")
+
+
+def gunzip(data: bytes, max_bytes: int) -> bytes:
+    """Decompress gzip ``data``, refusing to inflate past ``max_bytes`` (zip bombs)."""
+    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = decompressor.decompress(data, max_bytes + 1)
+        if len(out) > max_bytes:
+            raise BatchTooLarge(f"gzip body inflates past the limit of {max_bytes} bytes")
+        if not decompressor.eof:
+            raise MalformedBatch("truncated gzip stream")
+    except zlib.error as exc:
+        raise MalformedBatch(f"invalid gzip data: {exc}") from None
+    return out
+
+
+def decode_batch(data: bytes, fmt: BatchFormat) -> pl.DataFrame:
+    """Parse one batch into a raw (all-string) frame, one row per record.
+
+    Raises :class:`MalformedBatch` naming the line or record at fault.
+    """
+    if fmt == "parquet":
+        return _decode_parquet(data)
+    if not data.strip():
+        raise MalformedBatch("empty body: expected at least one record")
+    if fmt == "csv":
+        return _decode_csv(data)
+    if fmt == "ndjson":
+        return _decode_json_family(data, ndjson=True)
+    return _decode_json_family(data, ndjson=False)
+
+
+def read_batch_file(raw: bytes, name: str, max_bytes: int) -> pl.DataFrame:
+    """Decode a landing file's bytes, choosing the format from its name."""
+    fmt, gzipped = format_for_filename(name)
+    if gzipped:
+        raw = gunzip(raw, max_bytes)
+    return decode_batch(raw, fmt)
+
+
+def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
+    reader = pl.read_ndjson if ndjson else pl.read_json
+    try:
+        return to_raw_strings(reader(io.BytesIO(data), infer_schema_length=None))
+    except Exception:
+        # Polars rejects malformed input without a position, and cannot type some valid
+        # shapes (arrays mixing objects and numbers). Parse in Python: it either locates
+        # the fault or yields records that we stringify ourselves.
+        records = _ndjson_records(data) if ndjson else _json_records(data)
+    return _raw_frame(records)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: bytes) -> object:
+    return json.loads(text.decode("utf-8"), parse_constant=_reject_constant)
+
+
+def _ndjson_records(data: bytes) -> list[dict[str, object]]:
+    records: list[dict[str, object]] = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        value = _located(lambda line=line: _loads(line), line=number)
+        if not isinstance(value, dict):
+            raise MalformedBatch(f"expected a JSON object, got {_kind(value)}", line=number)
+        records.append(value)
+    return records
+
+
+def _json_records(data: bytes) -> list[dict[str, object]]:
+    value = _located(lambda: _loads(data), line=None)
+    records = [value] if isinstance(value, dict) else value
+    if not isinstance(records, list):
+        raise MalformedBatch("expected a JSON object or an array of JSON objects")
+    for index, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise MalformedBatch(f"expected a JSON object, got {_kind(record)}", record=index)
+    return records
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _raw_frame(records: list[dict[str, object]]) -> pl.DataFrame:
+    """Stringify parsed records the way :func:`to_raw_strings` does typed columns."""
+    columns: dict[str, list[str | None]] = {}
+    for index, record in enumerate(records):
+        for name, value in record.items():
+            column = columns.setdefault(name, [None] * index)
+            column.append(_raw_value(value))
+        for column in columns.values():
+            if len(column) == index:
+                column.append(None)
+    return pl.DataFrame(columns, schema=dict.fromkeys(columns, pl.String))
+
+
+def _raw_value(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _located(parse: Callable[[], object], *, line: int | None) -> object:
+    """Run a JSON parse, turning its failure into a MalformedBatch with a position."""
+    try:
+        return parse()
+    except UnicodeDecodeError as exc:
+        raise MalformedBatch(f"invalid UTF-8 at byte {exc.start}", line=line) from None
+    except json.JSONDecodeError as exc:
+        position = f"{exc.msg} (column {exc.colno})"
+        raise MalformedBatch(f"invalid JSON: {position}", line=line or exc.lineno) from None
+    except (ValueError, RecursionError) as exc:
+        raise MalformedBatch(f"invalid JSON: {exc}", line=line) from None
+
+
+def _decode_csv(data: bytes) -> pl.DataFrame:
+    try:
+        return pl.read_csv(io.BytesIO(data), infer_schema=False, raise_if_empty=True)
+    except Exception as exc:
+        raise MalformedBatch(f"invalid CSV: {_first_line(exc)}") from None
+
+
+def _decode_parquet(data: bytes) -> pl.DataFrame:
+    try:
+        frame = pl.read_parquet(io.BytesIO(data))
+    except Exception as exc:
+        raise MalformedBatch(f"invalid Parquet: {_first_line(exc)}") from None
+    return to_raw_strings(frame)
+
+
+def to_raw_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """Turn a typed frame (e.g. from Parquet) into the raw all-string shape of bronze."""
+    return frame.with_columns(
+        _raw_string(name, dtype).alias(name) for name, dtype in frame.schema.items()
+    )
+
+
+def _raw_string(name: str, dtype: pl.DataType) -> pl.Expr:
+    column = pl.col(name)
+    if dtype == pl.String:
+        return column
+    if isinstance(dtype, pl.Datetime):
+        fmt = "%Y-%m-%dT%H:%M:%S%.f" + ("%:z" if dtype.time_zone else "")
+        return column.dt.to_string(fmt)
+    if isinstance(dtype, pl.Struct):
+        return column.struct.json_encode()
+    if isinstance(dtype, pl.List | pl.Array):
+        # json_encode works on structs only: wrap, encode, then strip the wrapper.
+        wrapped = pl.struct(column.alias("v")).struct.json_encode()
+        encoded = wrapped.str.strip_prefix('{"v":').str.strip_suffix("}")
+        return pl.when(column.is_null()).then(None).otherwise(encoded)
+    if dtype == pl.Binary:
+        return column.bin.encode("base64")
+    return column.cast(pl.String)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "CONTENT_TYPES",
+    "BatchDecodeError",
+    "BatchFormat",
+    "BatchTooLarge",
+    "MalformedBatch",
+    "UnsupportedFormat",
+    "decode_batch",
+    "format_for_content_type",
+    "format_for_filename",
+    "gunzip",
+    "read_batch_file",
+    "to_raw_strings",
+]

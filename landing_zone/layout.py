@@ -1,0 +1,124 @@
+"""Where landing files live on disk, and the rules that keep their moves atomic.
+
+```
+<data_dir>/landing/<source>/<batch_id>.<ext>       ready for bronze (complete, durable)
+<data_dir>/landing/<source>/.tmp/                  being written (never picked up)
+<data_dir>/landing/.inflight/<source>/<seq>/       claimed by bronze batch <seq>
+<data_dir>/archive/<source>/<yyyy-mm-dd>/          landed in bronze; kept for audit/replay
+<data_dir>/quarantine/_files/<source>/             unreadable files, each with <name>.error.json
+```
+
+Everything under ``landing/`` is on one filesystem, so claiming is an atomic
+``rename``. Hidden names (leading ``.``) are never treated as landing files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.contracts import is_valid_source_name
+
+LANDING_SUFFIXES = (
+    ".parquet",
+    ".ndjson",
+    ".jsonl",
+    ".json",
+    ".csv",
+    ".ndjson.gz",
+    ".jsonl.gz",
+    ".json.gz",
+    ".csv.gz",
+)
+
+
+class InvalidSourceName(ValueError):
+    """A source name that could escape its directory or is not a lowercase identifier."""
+
+
+def check_source_name(source: str) -> str:
+    """Return ``source`` if it is a safe source name, else raise :class:`InvalidSourceName`."""
+    if not is_valid_source_name(source):
+        raise InvalidSourceName(
+            f"invalid source name {source!r}: use 1-63 lowercase letters, digits or '_', "
+            "starting with a letter"
+        )
+    return source
+
+
+def is_landing_file(path: Path) -> bool:
+    """True for complete landing files: visible names with a supported suffix."""
+    name = path.name
+    return not name.startswith(".") and name.endswith(LANDING_SUFFIXES)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (the directory entry itself)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class LandingLayout:
+    """Paths of the landing zone under one data directory."""
+
+    data_dir: Path
+
+    @property
+    def landing_root(self) -> Path:
+        return self.data_dir / "landing"
+
+    def source_dir(self, source: str) -> Path:
+        return self.landing_root / check_source_name(source)
+
+    def temp_dir(self, source: str) -> Path:
+        return self.source_dir(source) / ".tmp"
+
+    def inflight_root(self, source: str) -> Path:
+        return self.landing_root / ".inflight" / check_source_name(source)
+
+    def inflight_dir(self, source: str, seq: int) -> Path:
+        return self.inflight_root(source) / f"{seq:020d}"
+
+    def archive_dir(self, source: str, day: str) -> Path:
+        return self.data_dir / "archive" / check_source_name(source) / day
+
+    def quarantine_files_dir(self, source: str) -> Path:
+        return self.data_dir / "quarantine" / "_files" / check_source_name(source)
+
+    def sources_with_files(self) -> list[str]:
+        """Sources that have a landing directory or claimed batches (valid names only)."""
+        names: set[str] = set()
+        for root in (self.landing_root, self.landing_root / ".inflight"):
+            if root.is_dir():
+                names.update(
+                    entry.name
+                    for entry in root.iterdir()
+                    if entry.is_dir() and is_valid_source_name(entry.name)
+                )
+        return sorted(names)
+
+    def pending_files(self, source: str) -> list[Path]:
+        """Complete landing files of ``source``, oldest name first (batch ids sort by time)."""
+        directory = self.source_dir(source)
+        if not directory.is_dir():
+            return []
+        return sorted(
+            (p for p in directory.iterdir() if p.is_file() and is_landing_file(p)),
+            key=lambda p: p.name,
+        )
+
+    def inflight_batches(self, source: str) -> list[tuple[int, Path]]:
+        """Claimed-but-unfinished bronze batches of ``source`` as ``(seq, dir)``, by seq."""
+        root = self.inflight_root(source)
+        if not root.is_dir():
+            return []
+        return sorted(
+            (int(entry.name), entry)
+            for entry in root.iterdir()
+            if entry.is_dir() and entry.name.isdigit()
+        )

@@ -1,0 +1,90 @@
+"""The landing writer: the only way records enter the platform.
+
+Invariant protected here: a batch is *acknowledgeable* only once its landing
+file is complete and durable under its final name. The file is written under
+a hidden temporary name, fsynced, atomically renamed into
+``landing/<source>/``, and the directory is fsynced; a crash at any point leaves
+either no visible file or a complete one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from landing_zone.layout import LandingLayout, fsync_directory
+
+
+class LandingWriteError(OSError):
+    """The batch could not be made durable; nothing visible was left behind."""
+
+
+@dataclass(frozen=True)
+class LandingReceipt:
+    """Proof that a batch is durable in the landing zone: safe to acknowledge."""
+
+    batch_id: str
+    source: str
+    path: Path
+    records: int
+    bytes_written: int
+
+
+def new_batch_id(now: datetime | None = None) -> str:
+    """A unique batch id that sorts by creation time (UTC, microseconds, then randomness)."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{secrets.token_hex(6)}"
+
+
+class LandingWriter:
+    """Writes batches of raw records as durable Parquet landing files."""
+
+    def __init__(self, layout: LandingLayout) -> None:
+        self._layout = layout
+        self._ready_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def write_frame(
+        self, source: str, frame: pl.DataFrame, *, batch_id: str | None = None
+    ) -> LandingReceipt:
+        """Write one batch of ``source`` durably and return its receipt.
+
+        Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
+        """
+        batch_id = batch_id or new_batch_id()
+        final_dir = self._layout.source_dir(source)
+        temp_dir = self._layout.temp_dir(source)
+        self._ensure_dirs(final_dir, temp_dir)
+        name = f"{batch_id}.parquet"
+        temp_path = temp_dir / name
+        final_path = final_dir / name
+        try:
+            with open(temp_path, "xb") as handle:
+                frame.write_parquet(handle, compression="zstd", statistics=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+                size = handle.tell()
+            os.rename(temp_path, final_path)
+            fsync_directory(final_dir)
+        except OSError as exc:
+            temp_path.unlink(missing_ok=True)
+            raise LandingWriteError(
+                exc.errno, f"cannot write landing file for {source!r}: {exc.strerror}"
+            ) from exc
+        return LandingReceipt(batch_id, source, final_path, frame.height, size)
+
+    def _ensure_dirs(self, final_dir: Path, temp_dir: Path) -> None:
+        if final_dir in self._ready_dirs:
+            return
+        with self._lock:
+            temp_dir.mkdir(parents=True, exist_ok=True)
+            # The new directory entries must survive a crash too, or the file is unreachable.
+            fsync_directory(final_dir)
+            fsync_directory(final_dir.parent)
+            self._ready_dirs.add(final_dir)
