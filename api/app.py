@@ -1,0 +1,34 @@
+"""The FastAPI application: ingestion, query and health routes over one data directory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import health, ingest, query
+from api.context import ApiContext
+from api.errors import install_error_handlers
+from api.tokens import TokenStore
+from config.contracts import ContractRegistry, load_contracts
+from config.settings import Settings
+from landing_zone.layout import LandingLayout
+from landing_zone.writer import LandingWriter
+
+
+def create_app(settings: Settings, contracts: ContractRegistry | None = None) -> FastAPI:
+    """Build the API for ``settings`` (contracts default to those the settings point at)."""
+    app = FastAPI(
+        title="Lakehouse ingestion API",
+        version="0.1.0",
+        description="POST records into the landing zone; query gold with DuckDB SQL.",
+    )
+    app.state.context = ApiContext(
+        settings=settings,
+        contracts=contracts if contracts is not None else load_contracts(settings.contracts_dir),
+        writer=LandingWriter(LandingLayout(settings.data_dir)),
+        tokens=TokenStore(settings.tokens_file),
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(ingest.router)
+    app.include_router(query.router)
+    return app

@@ -1,0 +1,29 @@
+"""What the API's routes share: settings, contracts, the landing writer and tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from api.tokens import TokenStore
+from config.contracts import ContractRegistry
+from config.settings import Settings
+from landing_zone.writer import LandingWriter
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """Built once per app in :func:`api.app.create_app`."""
+
+    settings: Settings
+    contracts: ContractRegistry
+    writer: LandingWriter
+    tokens: TokenStore
+
+
+def get_context(request: Request) -> ApiContext:
+    """FastAPI dependency: the app's context."""
+    context = request.app.state.context
+    assert isinstance(context, ApiContext)
+    return context

@@ -1,0 +1,58 @@
+"""``POST /v1/query``: read-only DuckDB SQL over the lakehouse views (scope ``query``)."""
+
+from __future__ import annotations
+
+import polars as pl
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from analytics.query import (
+    QueryError,
+    QueryLimits,
+    QueryTimeout,
+    run_query,
+)
+from api.auth import scoped
+from api.context import ApiContext, get_context
+from api.errors import ApiError
+
+router = APIRouter(tags=["query"])
+
+
+class QueryRequest(BaseModel):
+    """One read-only SELECT statement."""
+
+    sql: str = Field(min_length=1, max_length=100_000, examples=["SELECT * FROM gold.readings_latest"])
+    max_rows: int | None = Field(None, ge=1, description="Lower the server's row limit.")
+
+
+@router.post(
+    "/v1/query",
+    dependencies=[scoped("query")],  # type: ignore[list-item]
+    responses={
+        200: {"description": '{"columns": [{"name", "type"}], "rows": [{...}], "row_count": n}'},
+        400: {"description": "Not a single SELECT, SQL error, or too many rows"},
+        504: {"description": "Query exceeded the time limit"},
+    },
+)
+async def query(body: QueryRequest, context: ApiContext = Depends(get_context)) -> Response:
+    """Run ``sql`` over the ``<layer>.<table>`` views and return the rows as JSON objects."""
+    settings = context.settings
+    max_rows = min(body.max_rows or settings.query_max_rows, settings.query_max_rows)
+    limits = QueryLimits(timeout_s=settings.query_timeout_s, max_rows=max_rows)
+    try:
+        table = await run_in_threadpool(run_query, settings.data_dir, body.sql, limits)
+    except QueryTimeout as exc:
+        raise ApiError(504, "query_timeout", str(exc)) from None
+    except QueryError as exc:
+        raise ApiError(400, "query_error", str(exc)) from None
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    columns = pl.DataFrame(
+        {"name": frame.columns, "type": [str(t) for t in frame.dtypes]}
+    ).write_json()
+    # Polars serialises rows (dates as ISO-8601) much faster than per-row Python.
+    payload = f'{{"columns":{columns},"rows":{frame.write_json()},"row_count":{frame.height}}}'
+    return Response(payload, media_type="application/json")

@@ -1,0 +1,1 @@
+"""The `lakehouse` console command."""

@@ -1,0 +1,267 @@
+"""The ``lakehouse`` command: one entry point for every process of the platform."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from enum import StrEnum
+from typing import Annotated, NoReturn
+
+import polars as pl
+import structlog
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.contracts import ContractError, ContractRegistry, load_contracts
+from config.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="Lakehouse ingestion platform: landing -> bronze -> silver -> gold -> DuckDB.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+tokens_app = typer.Typer(help="Manage API bearer tokens.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+err = Console(stderr=True)
+out = Console()
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
+def _load(**overrides: object) -> tuple[Settings, ContractRegistry]:
+    """Validated settings and contracts, or a clear error and exit code 2."""
+    try:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        contracts = load_contracts(settings.contracts_dir)
+    except (SettingsError, ContractError) as exc:
+        _fail(str(exc))
+    _configure_logging(settings.log_level)
+    return settings, contracts
+
+
+def _ensure_admin_token(settings: Settings) -> None:
+    """On a first start with no tokens, create an admin token and show it once."""
+    from api.tokens import TokenStore
+
+    store = TokenStore(settings.tokens_file)
+    if store.list():
+        return
+    secret = store.create("admin", ["admin"])
+    err.print(
+        "[bold yellow]Created the first admin token. It is shown only this once; "
+        "store it safely:[/]"
+    )
+    out.print(secret, highlight=False, soft_wrap=True)
+
+
+def _serve(settings: Settings, contracts: ContractRegistry) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings, contracts),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    uvicorn.Server(config).run()
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="API bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="API port.")] = None,
+) -> None:
+    """Run everything in one process: the API and the processor, on the local data dir."""
+    from delta_processing.processor import Processor, ProcessorLockedError
+
+    settings, contracts = _load(api_host=host, api_port=port)
+    _ensure_admin_token(settings)
+    processor = Processor(settings, contracts)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def run_processor() -> None:
+        try:
+            processor.run_forever(stop)
+        except ProcessorLockedError as exc:
+            failure.append(exc)
+            err.print(f"[bold red]error:[/] {exc}")
+
+    worker = threading.Thread(target=run_processor, name="lakehouse-processor", daemon=True)
+    worker.start()
+    err.print(
+        f"lakehouse up: API on http://{settings.api_host}:{settings.api_port} "
+        f"(docs at /docs), data in {settings.data_dir}"
+    )
+    try:
+        _serve(settings, contracts)
+    finally:
+        stop.set()
+        processor.wake.set()
+        worker.join(timeout=30)
+    if failure:
+        raise typer.Exit(1)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+) -> None:
+    """Run only the ingestion/query API."""
+    settings, contracts = _load(api_host=host, api_port=port)
+    _serve(settings, contracts)
+
+
+@app.command()
+def process(
+    once: Annotated[bool, typer.Option("--once", help="Drain the landing zone, then exit.")] = False,
+) -> None:
+    """Run only the processor (landing -> bronze -> silver -> gold)."""
+    import signal
+
+    from delta_processing.processor import Processor, ProcessorLockedError
+
+    settings, contracts = _load()
+    processor = Processor(settings, contracts)
+    try:
+        if once:
+            report = processor.run_once()
+            err.print(
+                f"bronze batches: {len(report.bronze)}, silver promotions: "
+                f"{len(report.silver)}, gold refreshes: {len(report.gold)}"
+            )
+            if report.failures:
+                _fail("; ".join(report.failures), code=1)
+            return
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            stop.set()
+            processor.wake.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        processor.run_forever(stop)
+    except ProcessorLockedError as exc:
+        _fail(str(exc), code=1)
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="One SELECT over <layer>.<table> views.")],
+    output: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="Output format.")
+    ] = OutputFormat.table,
+) -> None:
+    """Run read-only SQL over the lakehouse tables (e.g. gold.readings_hourly)."""
+    from analytics.query import QueryError, QueryLimits, run_query
+
+    settings, _ = _load()
+    limits = QueryLimits(timeout_s=settings.query_timeout_s, max_rows=settings.query_max_rows)
+    try:
+        result = run_query(settings.data_dir, query, limits)
+    except QueryError as exc:
+        _fail(str(exc), code=1)
+    frame = pl.from_arrow(result)
+    assert isinstance(frame, pl.DataFrame)
+    if output is OutputFormat.csv:
+        sys.stdout.write(frame.write_csv())
+    elif output is OutputFormat.json:
+        sys.stdout.write(frame.write_json() + "\n")
+    else:
+        table = Table(*frame.columns, show_lines=False)
+        for row in frame.iter_rows():
+            table.add_row(*("" if v is None else str(v) for v in row))
+        out.print(table)
+        err.print(f"{frame.height} row(s)")
+
+
+@app.command()
+def tables() -> None:
+    """List every Delta table with its version, files and rows."""
+    from analytics.catalog import snapshot_tables
+
+    settings, _ = _load()
+    table = Table("table", "version", "files", "rows", "columns")
+    for snap in snapshot_tables(settings.data_dir):
+        rows = snap.table.count()
+        table.add_row(
+            snap.qualified_name,
+            str(snap.version),
+            str(len(snap.file_uris)),
+            str(rows),
+            str(len(snap.schema)),
+        )
+    out.print(table)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: Annotated[str, typer.Argument(help="A name to recognise the token by.")],
+    scope: Annotated[
+        list[str],
+        typer.Option("--scope", "-s", help="admin, query, ingest:* or ingest:<source>; repeatable."),
+    ],
+) -> None:
+    """Create a token; its secret is printed once, as the only line on stdout."""
+    from api.tokens import TokenError, TokenStore
+
+    settings, _ = _load()
+    try:
+        secret = TokenStore(settings.tokens_file).create(name, scope)
+    except TokenError as exc:
+        _fail(str(exc))
+    sys.stdout.write(secret + "\n")
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """List tokens (name, scopes, creation time; never secrets)."""
+    from api.tokens import TokenStore, describe
+
+    settings, _ = _load()
+    table = Table("name", "scopes", "created_at")
+    for record in TokenStore(settings.tokens_file).list():
+        summary = describe(record)
+        table.add_row(summary["name"], summary["scopes"], summary["created_at"])
+    out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
