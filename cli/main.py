@@ -82,6 +82,9 @@ def _ensure_admin_token(settings: Settings) -> None:
 
 
 def _serve(settings: Settings, contracts: ContractRegistry) -> None:
+    """Serve the API until SIGTERM/SIGINT, then return so callers can shut down cleanly."""
+    import signal
+
     import uvicorn
 
     from api.app import create_app
@@ -93,6 +96,10 @@ def _serve(settings: Settings, contracts: ContractRegistry) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,
     )
+    # uvicorn re-raises the signal that stopped it once it has shut down; with a
+    # no-op handler in place that re-raise returns here instead of killing us.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     uvicorn.Server(config).run()
 
 

@@ -1,0 +1,91 @@
+"""Shared test helpers: real servers on free loopback ports, polling, reference results."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import polars as pl
+
+from config.contracts import load_contracts
+from delta_processing.gold import gold_frame
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
+LAKEHOUSE = [sys.executable, "-m", "cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(probe: Callable[[], T | None], timeout: float = 30.0, every: float = 0.1) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout}s (last probe: {last!r})")
+
+
+def lakehouse_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+    env.update({"LAKEHOUSE_DATA_DIR": str(data_dir), "LAKEHOUSE_LOG_LEVEL": "WARNING"})
+    env.update(extra)
+    return env
+
+
+def start_lakehouse(args: list[str], data_dir: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Start ``lakehouse <args>`` as a real subprocess writing its output to ``log``."""
+    handle = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+    return subprocess.Popen(
+        [*LAKEHOUSE, *args],
+        cwd=REPO,
+        env=lakehouse_env(data_dir, **env),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def probe() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{log.read_text()}")
+        try:
+            return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(probe, timeout=60)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def reference_gold(silver: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Every readings gold table recomputed from scratch out of silver rows."""
+    contract = load_contracts()["readings"]
+    return {spec.name: gold_frame(silver, spec, contract) for spec in contract.gold}
+
+
+def read_sorted(path: Path, keys: list[str]) -> pl.DataFrame:
+    return pl.read_delta(str(path)).sort(keys)
