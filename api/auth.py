@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-import structlog
 
 from api.context import ApiContext, get_context
 from api.errors import ApiError
@@ -27,7 +26,9 @@ def authenticated(
     if credentials is None or credentials.scheme.lower() != "bearer":
         log.warning("auth.missing_token", client=client, path=request.url.path)
         raise ApiError(
-            401, "unauthorized", "missing bearer token (Authorization: Bearer <token>)",
+            401,
+            "unauthorized",
+            "missing bearer token (Authorization: Bearer <token>)",
             headers=_CHALLENGE,
         )
     record = context.tokens.verify(credentials.credentials)

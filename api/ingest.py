@@ -70,7 +70,8 @@ def _decoded_body(body: bytes, content_encoding: str, limit: int) -> bytes:
 
 
 @router.post(
-    "/v1/ingest/{source}",
+    # ":path" lets encoded slashes reach the name check (400) instead of missing the route.
+    "/v1/ingest/{source:path}",
     status_code=202,
     response_model=IngestAccepted,
     responses={
@@ -124,9 +125,7 @@ async def ingest(
     except BatchTooLarge as exc:
         raise ApiError(413, "body_too_large", str(exc)) from None
     except MalformedBatch as exc:
-        raise ApiError(
-            400, "malformed_body", str(exc), line=exc.line, record=exc.record
-        ) from None
+        raise ApiError(400, "malformed_body", str(exc), line=exc.line, record=exc.record) from None
     if frame.height == 0:
         raise ApiError(400, "empty_batch", "the body holds no records")
     try:
@@ -134,11 +133,15 @@ async def ingest(
     except LandingWriteError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(
-                507, "insufficient_storage", "landing zone is out of space; retry later",
+                507,
+                "insufficient_storage",
+                "landing zone is out of space; retry later",
                 headers={"Retry-After": "30"},
             ) from None
         raise ApiError(
-            503, "landing_unavailable", "landing zone is not writable; retry later",
+            503,
+            "landing_unavailable",
+            "landing zone is not writable; retry later",
             headers={"Retry-After": "5"},
         ) from None
     return IngestAccepted(batch_id=receipt.batch_id, source=source, records=receipt.records)

@@ -24,7 +24,9 @@ router = APIRouter(tags=["query"])
 class QueryRequest(BaseModel):
     """One read-only SELECT statement."""
 
-    sql: str = Field(min_length=1, max_length=100_000, examples=["SELECT * FROM gold.readings_latest"])
+    sql: str = Field(
+        min_length=1, max_length=100_000, examples=["SELECT * FROM gold.readings_latest"]
+    )
     max_rows: int | None = Field(None, ge=1, description="Lower the server's row limit.")
 
 

@@ -62,9 +62,7 @@ class _TokenFile(BaseModel):
 def check_scope(scope: str) -> str:
     """Return ``scope`` if well-formed, else raise :class:`TokenError`."""
     if not SCOPE_RE.fullmatch(scope):
-        raise TokenError(
-            f"invalid scope {scope!r}: use admin, query, ingest:* or ingest:<source>"
-        )
+        raise TokenError(f"invalid scope {scope!r}: use admin, query, ingest:* or ingest:<source>")
     return scope
 
 
@@ -85,7 +83,7 @@ class TokenStore:
     def path(self) -> Path:
         return self._path
 
-    def list(self) -> list[TokenRecord]:
+    def records(self) -> list[TokenRecord]:
         """All tokens, re-read from disk when the file changed."""
         try:
             stat = self._path.stat()
@@ -118,7 +116,7 @@ class TokenStore:
             created_at=datetime.now(UTC),
         )
         with self._locked():
-            current = self.list()
+            current = self.records()
             if any(existing.name == name for existing in current):
                 raise TokenError(f"a token named {name!r} already exists")
             self._write([*current, record])
@@ -131,7 +129,7 @@ class TokenStore:
         """
         digest = hash_token(presented)
         found: TokenRecord | None = None
-        for record in self.list():
+        for record in self.records():
             if hmac.compare_digest(record.sha256, digest):
                 found = record
         return found
@@ -167,4 +165,3 @@ def describe(record: TokenRecord) -> dict[str, str]:
         "scopes": " ".join(record.scopes),
         "created_at": record.created_at.isoformat(timespec="seconds"),
     }
-

@@ -71,7 +71,7 @@ def _ensure_admin_token(settings: Settings) -> None:
     from api.tokens import TokenStore
 
     store = TokenStore(settings.tokens_file)
-    if store.list():
+    if store.records():
         return
     secret = store.create("admin", ["admin"])
     err.print(
@@ -152,7 +152,9 @@ def api(
 
 @app.command()
 def process(
-    once: Annotated[bool, typer.Option("--once", help="Drain the landing zone, then exit.")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="Drain the landing zone, then exit.")
+    ] = False,
 ) -> None:
     """Run only the processor (landing -> bronze -> silver -> gold)."""
     import signal
@@ -238,7 +240,9 @@ def tokens_create(
     name: Annotated[str, typer.Argument(help="A name to recognise the token by.")],
     scope: Annotated[
         list[str],
-        typer.Option("--scope", "-s", help="admin, query, ingest:* or ingest:<source>; repeatable."),
+        typer.Option(
+            "--scope", "-s", help="admin, query, ingest:* or ingest:<source>; repeatable."
+        ),
     ],
 ) -> None:
     """Create a token; its secret is printed once, as the only line on stdout."""
@@ -259,7 +263,7 @@ def tokens_list() -> None:
 
     settings, _ = _load()
     table = Table("name", "scopes", "created_at")
-    for record in TokenStore(settings.tokens_file).list():
+    for record in TokenStore(settings.tokens_file).records():
         summary = describe(record)
         table.add_row(summary["name"], summary["scopes"], summary["created_at"])
     out.print(table)

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("dados"), description="Root of landing zone and Delta tables.")
     contracts_dir: Path | None = Field(
         None,
-        description="Extra directory of source contract files (*.toml); overrides built-ins by name.",
+        description="Extra directory of contract files (*.toml); overrides built-ins by name.",
     )
     api_host: str = Field("127.0.0.1", min_length=1)
     api_port: int = Field(8000, ge=1, le=65535)

@@ -125,9 +125,7 @@ class BronzeIngestor:
         files = sorted(p for p in claim_dir.iterdir() if p.is_file())
         for path in files:
             try:
-                raw = read_batch_file(
-                    path.read_bytes(), path.name, self._limits.max_file_bytes
-                )
+                raw = read_batch_file(path.read_bytes(), path.name, self._limits.max_file_bytes)
             except BatchDecodeError as exc:
                 self._quarantine_file(source, path, str(exc))
                 quarantined += 1

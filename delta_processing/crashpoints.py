@@ -33,7 +33,9 @@ class CrashPoints:
         if spec:
             name, _, count = spec.partition(":")
             if name not in POINTS:
-                raise ValueError(f"unknown crash point {name!r}; known: {', '.join(sorted(POINTS))}")
+                raise ValueError(
+                    f"unknown crash point {name!r}; known: {', '.join(sorted(POINTS))}"
+                )
             self._target = name
             self._remaining = int(count or "1")
 

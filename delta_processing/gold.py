@@ -84,7 +84,9 @@ def window_aggregates(
     """Full aggregation of silver rows into windows (pure; the reference for gold)."""
     value = pl.col(spec.value)
     return (
-        rows.group_by([*spec.group_by, pl.col(event_time).dt.truncate(spec.every).alias("window_start")])
+        rows.group_by(
+            [*spec.group_by, pl.col(event_time).dt.truncate(spec.every).alias("window_start")]
+        )
         .agg(
             pl.len().alias("count"),
             value.min().alias("min"),
@@ -151,8 +153,8 @@ class GoldRefresher:
         if done is not None and done >= silver_version:
             return None
         if done is None:
-            changes = read_snapshot(silver).collect().with_columns(
-                pl.lit("insert").alias("_change_type")
+            changes = (
+                read_snapshot(silver).collect().with_columns(pl.lit("insert").alias("_change_type"))
             )
         else:
             changes = read_changes(silver, done + 1, silver_version).filter(
@@ -228,8 +230,7 @@ def _mark_presence(
     marked = fresh.with_columns(pl.lit(True).alias(PRESENT))
     joined = touched.join(marked, on=keys, how="left", nulls_equal=True)
     return joined.select(
-        [pl.col(n).cast(t) for n, t in schema.items()]
-        + [pl.col(PRESENT).fill_null(False)]
+        [pl.col(n).cast(t) for n, t in schema.items()] + [pl.col(PRESENT).fill_null(False)]
     )
 
 

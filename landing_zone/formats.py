@@ -10,6 +10,8 @@ rejects a record for its shape, whatever JSON the sender invents.
 
 from __future__ import annotations
 
+import csv
+import functools
 import io
 import json
 import zlib
@@ -54,7 +56,7 @@ class MalformedBatch(BatchDecodeError):
     ``line`` (1-based, for text formats) or ``record`` (1-based) says where, when known.
     """
 
-    def __init__(self, message: str, *, line: int | None = None, record: int | None = None):
+    def __init__(self, message: str, *, line: int | None = None, record: int | None = None) -> None:
         where = f"line {line}: " if line is not None else ""
         where = where or (f"record {record}: " if record is not None else "")
         super().__init__(where + message)
@@ -152,7 +154,7 @@ def _ndjson_records(data: bytes) -> list[dict[str, object]]:
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
-        value = _located(lambda line=line: _loads(line), line=number)
+        value = _located(functools.partial(_loads, line), line=number)
         if not isinstance(value, dict):
             raise MalformedBatch(f"expected a JSON object, got {_kind(value)}", line=number)
         records.append(value)
@@ -208,9 +210,37 @@ def _located(parse: Callable[[], object], *, line: int | None) -> object:
 
 def _decode_csv(data: bytes) -> pl.DataFrame:
     try:
-        return pl.read_csv(io.BytesIO(data), infer_schema=False, raise_if_empty=True)
+        frame = pl.read_csv(io.BytesIO(data), infer_schema=False, raise_if_empty=True)
     except Exception as exc:
+        _raise_ragged_csv(data)
         raise MalformedBatch(f"invalid CSV: {_first_line(exc)}") from None
+    # Polars pads short rows with nulls, so a ragged row leaves its last field null. Only
+    # then (rare in clean data) re-read the rows in Python to tell it from an empty field.
+    if frame.width and frame.get_column(frame.columns[-1]).null_count():
+        _raise_ragged_csv(data)
+    return frame
+
+
+def _raise_ragged_csv(data: bytes) -> None:
+    """Raise MalformedBatch at the first row whose field count differs from the header's."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise MalformedBatch(f"invalid UTF-8 at byte {exc.start}", line=line) from None
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        width = len(next(reader, []))
+        end = reader.line_num
+        for row in reader:
+            if row and len(row) != width:
+                raise MalformedBatch(
+                    f"invalid CSV: expected {width} fields as in the header, found {len(row)}",
+                    line=end + 1,
+                )
+            end = reader.line_num
+    except csv.Error:
+        return  # not locatable here: the caller reports the parser's own message
 
 
 def _decode_parquet(data: bytes) -> pl.DataFrame:

@@ -62,7 +62,9 @@ def live_api(data_dir: Path, tokens: Tokens, tmp_path: Path) -> Iterator[LiveSer
     port = free_port()
     log = tmp_path / "api.log"
     proc = start_lakehouse(
-        ["api", "--host", "127.0.0.1", "--port", str(port)], data_dir, log,
+        ["api", "--host", "127.0.0.1", "--port", str(port)],
+        data_dir,
+        log,
         LAKEHOUSE_MAX_BODY_BYTES=str(1024 * 1024),
     )
     server = LiveServer(f"http://127.0.0.1:{port}", data_dir, log)

@@ -47,7 +47,9 @@ def lakehouse_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_lakehouse(args: list[str], data_dir: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+def start_lakehouse(
+    args: list[str], data_dir: Path, log: Path, **env: str
+) -> subprocess.Popen[bytes]:
     """Start ``lakehouse <args>`` as a real subprocess writing its output to ``log``."""
     handle = open(log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     return subprocess.Popen(

@@ -21,7 +21,7 @@ from polars.testing import assert_frame_equal
 
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
-from tests.helpers import REPO, LAKEHOUSE, lakehouse_env, reference_gold, start_lakehouse
+from tests.helpers import LAKEHOUSE, REPO, lakehouse_env, reference_gold, start_lakehouse
 
 BASE = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -54,8 +54,8 @@ class Feeder(threading.Thread):
             ts = BASE + timedelta(minutes=minutes, microseconds=i)  # unique key per i
             records.append(
                 {"ts": ts.isoformat(), "device_id": f"d{i % 7}", "sensor": f"s{i % 3}",
-                 "value": str(i)}  # fmt: skip
-            )
+                 "value": str(i)}
+            )  # fmt: skip
         if self._rng.random() < 0.3:
             records.append({"ts": "bad", "device_id": "dx", "sensor": "s", "value": "1"})
         frame = pl.DataFrame(records, schema=dict.fromkeys(records[0], pl.String))

@@ -110,8 +110,10 @@ def test_every_format_reaches_exact_gold(data_dir: Path, tokens: Tokens, tmp_pat
         analyst = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tokens.query}"})
         # 9 accepted records: 1 duplicate key and 1 invalid -> 7 silver rows.
         wait_until(
-            lambda: _count(analyst, "silver.readings") == 7
-            and _count(analyst, "quarantine.readings") == 1,
+            lambda: (
+                _count(analyst, "silver.readings") == 7
+                and _count(analyst, "quarantine.readings") == 1
+            ),
             timeout=60,
         )
 
@@ -154,7 +156,10 @@ def test_every_format_reaches_exact_gold(data_dir: Path, tokens: Tokens, tmp_pat
             {"device_id": "d2", "sensor": "hum", "ts": "2026-11-19T23:59:59", "value": 55.5},
         ]
         reason = _query(analyst, "SELECT ts, _reason FROM quarantine.readings")[0]
-        assert reason == {"ts": "not a time", "_reason": "ts: cannot parse 'not a time' as timestamp"}
+        assert reason == {
+            "ts": "not a time",
+            "_reason": "ts: cannot parse 'not a time' as timestamp",
+        }
         # Landing drained: every file moved to the archive, none left behind.
         assert list((data_dir / "landing" / "readings").glob("*.parquet")) == []
         assert len(list((data_dir / "archive" / "readings").rglob("*.parquet"))) == len(posts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def kernel_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     jupyter_path = tmp_path / "jupyter"
     write_kernel_spec(jupyter_path / "kernels" / KERNEL_NAME)
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    # A fresh IPython profile: no user startup files run in the kernel.
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     return KERNEL_NAME
 
 
@@ -58,8 +61,8 @@ def readings_ndjson() -> bytes:
     return "\n".join(lines).encode()
 
 
-def build_lakehouse(data_dir: Path) -> None:
-    frame = landing_zone.decode_batch(readings_ndjson(), "ndjson")
+def build_lakehouse(data_dir: Path, ndjson: bytes | None = None) -> None:
+    frame = landing_zone.decode_batch(readings_ndjson() if ndjson is None else ndjson, "ndjson")
     LandingWriter(LandingLayout(data_dir)).write_frame("readings", frame)
     settings = config.load_settings(data_dir=data_dir)
     report = delta_processing.Processor(settings, config.load_contracts()).run_once()
@@ -150,11 +153,26 @@ def test_notebook_defaults_to_first_latest_row(
     assert plot.is_file() and plot.stat().st_size > 10_000
 
 
-def test_notebook_on_empty_lakehouse(data_dir: Path, tmp_path: Path, kernel_name: str) -> None:
+def only_quarantined_rows(data_dir: Path) -> None:
+    """Gold tables exist but are empty: the only record is rejected into quarantine."""
+    bad = {"ts": "not a time", "device_id": "nb-bad", "sensor": "s", "value": 1.0}
+    build_lakehouse(data_dir, json.dumps(bad).encode())
+
+
+@pytest.mark.parametrize(
+    "prepare",
+    [lambda _data_dir: None, only_quarantined_rows],
+    ids=["empty-data-dir", "empty-gold-tables"],
+)
+def test_notebook_on_empty_lakehouse(
+    data_dir: Path, tmp_path: Path, kernel_name: str, prepare: Callable[[Path], None]
+) -> None:
+    prepare(data_dir)
     plot = tmp_path / "never.png"
 
     text = printed_text(run_notebook(kernel_name, data_dir, LAKEHOUSE_NOTEBOOK_PLOT=str(plot)))
 
     assert EMPTY_MARKER in text
     assert str(data_dir.resolve()) in text
+    assert "Skipped" in text and "Plotting" not in text
     assert not plot.exists()

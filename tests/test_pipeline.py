@@ -1,0 +1,221 @@
+"""The processor in-process: recovery states, bad files, schema evolution, incremental gold."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from config.contracts import load_contracts
+from config.settings import Settings
+from delta_processing.bronze import BRONZE_APP_ID, delta_safe_names
+from delta_processing.processor import Processor, ProcessorLock, ProcessorLockedError
+from delta_processing.tables import TableStore
+from landing_zone.formats import decode_batch
+from landing_zone.layout import LandingLayout
+from landing_zone.writer import LandingWriter
+from tests.helpers import reference_gold
+
+
+def _ndjson(rows: list[dict[str, object]]) -> bytes:
+    return b"\n".join(json.dumps(r).encode() for r in rows)
+
+
+def _write(settings: Settings, rows: list[dict[str, object]]) -> str:
+    writer = LandingWriter(LandingLayout(settings.data_dir))
+    return writer.write_frame("readings", decode_batch(_ndjson(rows), "ndjson")).path.name
+
+
+def _reading(minute: int, value: float, device: str = "d1", sensor: str = "t") -> dict[str, object]:
+    ts = datetime(2026, 11, 20, tzinfo=UTC) + timedelta(minutes=minute)
+    return {"ts": ts.isoformat(), "device_id": device, "sensor": sensor, "value": value}
+
+
+def _table(settings: Settings, layer: str, name: str = "readings") -> pl.DataFrame:
+    return pl.read_delta(str(settings.data_dir / layer / name))
+
+
+def _assert_gold_matches_silver(settings: Settings) -> None:
+    silver = _table(settings, "silver")
+    for name, reference in reference_gold(silver).items():
+        keys = [c for c in ("device_id", "sensor", "window_start") if c in reference.columns]
+        gold = _table(settings, "gold", name).sort(keys)
+        assert_frame_equal(gold, reference.sort(keys), check_exact=False)
+
+
+def test_claimed_batch_already_committed_is_archived_not_appended_again(
+    settings: Settings,
+) -> None:
+    """Crash between the bronze commit and the archive move: recovery must not re-append."""
+    processor = Processor(settings, load_contracts())
+    name = _write(settings, [_reading(1, 1.0), _reading(2, 2.0)])
+    processor.run_once()
+    layout = LandingLayout(settings.data_dir)
+    archived = next((settings.data_dir / "archive" / "readings").rglob(name))
+    # Put the file back into a claim with the committed sequence, as a crash would leave it.
+    claim = layout.inflight_dir("readings", 1)
+    claim.mkdir(parents=True)
+    os.rename(archived, claim / name)
+
+    processor.run_once()
+
+    bronze = _table(settings, "bronze")
+    assert bronze.height == 2
+    assert layout.inflight_batches("readings") == []
+    assert next((settings.data_dir / "archive" / "readings").rglob(name)).is_file()
+
+
+def test_claimed_batch_not_committed_is_appended_once(settings: Settings) -> None:
+    """Crash between the claim and the bronze commit: recovery appends under the same seq."""
+    layout = LandingLayout(settings.data_dir)
+    name = _write(settings, [_reading(1, 1.0)])
+    claim = layout.inflight_dir("readings", 1)
+    claim.mkdir(parents=True)
+    os.rename(layout.source_dir("readings") / name, claim / name)
+
+    Processor(settings, load_contracts()).run_once()
+
+    bronze_table = TableStore(settings.data_dir).open("bronze", "readings")
+    assert bronze_table is not None
+    assert bronze_table.transaction_version(BRONZE_APP_ID) == 1
+    assert _table(settings, "bronze")["_landing_file"].to_list() == [name]
+    assert _table(settings, "silver").height == 1
+
+
+def test_unreadable_file_is_quarantined_with_an_error_file(settings: Settings) -> None:
+    source_dir = LandingLayout(settings.data_dir).source_dir("readings")
+    source_dir.mkdir(parents=True)
+    (source_dir / "dropped.ndjson").write_bytes(b'{"ts": 1}\n{broken\n')
+    (source_dir / "good.ndjson.gz").write_bytes(gzip.compress(_ndjson([_reading(5, 5.0)])))
+
+    report = Processor(settings, load_contracts()).run_once()
+
+    assert report.failures == []
+    bad_dir = settings.data_dir / "quarantine" / "_files" / "readings"
+    assert (bad_dir / "dropped.ndjson").read_bytes() == b'{"ts": 1}\n{broken\n'
+    error = json.loads((bad_dir / "dropped.ndjson.error.json").read_text())
+    assert error["file"] == "dropped.ndjson" and "line 2" in error["error"]
+    assert _table(settings, "silver")["value"].to_list() == [5.0]
+    assert list(source_dir.glob("*.*")) == []
+
+
+def test_new_fields_widen_bronze_and_odd_names_are_made_delta_safe(settings: Settings) -> None:
+    processor = Processor(settings, load_contracts())
+    _write(settings, [_reading(1, 1.0)])
+    processor.run_once()
+    odd = {**_reading(2, 2.0), "battery level": 90, "_source": "spoofed", "Extra": {"a": [1]}}
+    _write(settings, [odd])
+    processor.run_once()
+
+    bronze = _table(settings, "bronze").sort("_row", "_ingested_at")
+    assert {"battery_level", "_source_1", "Extra"} <= set(bronze.columns)
+    assert bronze["_source"].unique().to_list() == ["readings"]  # lineage not spoofable
+    assert bronze["Extra"].drop_nulls().to_list() == ['{"a":[1]}']
+    assert _table(settings, "silver").height == 2
+
+
+def test_delta_safe_names_dedupes_case_insensitively() -> None:
+    assert delta_safe_names(["a b", "A_B", "x=1", "", "_row"]) == {
+        "a b": "a_b",
+        "A_B": "A_B_1",
+        "x=1": "x_1",
+        "": "_blank",
+        "_row": "_row_1",
+    }
+
+
+def test_resent_and_updated_readings_keep_one_silver_row(settings: Settings) -> None:
+    processor = Processor(settings, load_contracts())
+    _write(settings, [_reading(1, 1.0), _reading(1, 1.0)])  # duplicate inside one batch
+    processor.run_once()
+    _write(settings, [_reading(1, 1.0)])  # re-sent
+    _write(settings, [_reading(1, 7.0)])  # corrected later: latest arrival wins
+    processor.run_once()
+    silver = _table(settings, "silver")
+    assert silver.select("value").to_series().to_list() == [7.0]
+    _assert_gold_matches_silver(settings)
+
+
+def test_contract_violations_go_to_quarantine_with_reasons(settings: Settings) -> None:
+    rows: list[dict[str, object]] = [
+        {"ts": "yesterday", "device_id": "d", "sensor": "s", "value": 1},
+        {"ts": "2026-11-20T00:00:00Z", "device_id": "d", "sensor": "s", "value": "NaN"},
+        {"ts": "2026-11-20T00:00:00Z", "sensor": "s", "value": 1},
+        {"ts": "2026-11-20T00:00:00Z", "device_id": "d", "sensor": "s", "value": 3, "unit": "C"},
+    ]
+    _write(settings, rows)
+    Processor(settings, load_contracts()).run_once()
+    reasons = sorted(_table(settings, "quarantine")["_reason"].to_list())
+    assert reasons == [
+        "device_id: required field is missing",
+        "ts: cannot parse 'yesterday' as timestamp",
+        "value: cannot parse 'NaN' as float",
+    ]
+    assert _table(settings, "silver")["unit"].to_list() == ["C"]
+
+
+def test_timestamps_in_every_accepted_spelling_are_stored_as_utc(settings: Settings) -> None:
+    spellings = [
+        "2026-11-20T10:00:00Z",
+        "2026-11-20T11:00:00+01:00",
+        "2026-11-20T10:00:00",
+        "2026-11-20 10:00:00.000",
+        "1795168800000",
+    ]
+    rows: list[dict[str, object]] = [
+        {"ts": ts, "device_id": f"d{i}", "sensor": "s", "value": i}
+        for i, ts in enumerate(spellings)
+    ]
+    _write(settings, rows)
+    Processor(settings, load_contracts()).run_once()
+    stored = _table(settings, "silver")["ts"].unique().to_list()
+    assert stored == [datetime(2026, 11, 20, 10, tzinfo=UTC)]
+
+
+def test_incremental_gold_equals_full_recomputation_over_random_arrivals(
+    settings: Settings,
+) -> None:
+    """Random batches with duplicates, corrections and rows weeks late, processed in steps."""
+    rng = random.Random(2026)
+    processor = Processor(settings, load_contracts())
+    for _step in range(8):
+        for _batch in range(rng.randint(1, 3)):
+            rows = [
+                _reading(
+                    rng.randint(0, 60 * 24 * 21),  # three weeks of event time
+                    rng.choice([rng.uniform(-10, 40), 0.0]),
+                    device=f"d{rng.randint(0, 3)}",
+                    sensor=rng.choice(["t", "h"]),
+                )
+                for _ in range(rng.randint(1, 40))
+            ]
+            rows += rng.sample(rows, k=min(3, len(rows)))  # exact duplicates
+            _write(settings, rows)
+        report = processor.run_once()
+        assert report.failures == []
+        _assert_gold_matches_silver(settings)
+
+
+def test_second_processor_on_the_same_data_dir_is_refused(settings: Settings) -> None:
+    lock = ProcessorLock(settings.data_dir)
+    lock.acquire()
+    try:
+        with pytest.raises(ProcessorLockedError, match="only one may run"):
+            Processor(settings, load_contracts()).run_once()
+    finally:
+        lock.release()
+
+
+def test_sources_without_a_contract_still_land_in_bronze(settings: Settings) -> None:
+    source_dir = LandingLayout(settings.data_dir).source_dir("events")
+    source_dir.mkdir(parents=True)
+    (source_dir / "batch.csv").write_text("kind,count\nclick,3\n")
+    Processor(settings, load_contracts()).run_once()
+    assert _table(settings, "bronze", "events").select("kind", "count").rows() == [("click", "3")]
+    assert not (settings.data_dir / "silver" / "events").exists()
