@@ -132,13 +132,34 @@ def read_batch_file(raw: bytes, name: str, max_bytes: int) -> pl.DataFrame:
 def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
     reader = pl.read_ndjson if ndjson else pl.read_json
     try:
-        return to_raw_strings(reader(io.BytesIO(data), infer_schema_length=None))
+        frame = reader(io.BytesIO(data), infer_schema_length=None)
+        if not ndjson and not _booleans_kept(data, frame):
+            raise ValueError("read_json turned booleans into numbers")
+        return to_raw_strings(frame)
     except Exception:
         # Polars rejects malformed input without a position, and cannot type some valid
         # shapes (arrays mixing objects and numbers). Parse in Python: it either locates
         # the fault or yields records that we stringify ourselves.
         records = _ndjson_records(data) if ndjson else _json_records(data)
     return _raw_frame(records)
+
+
+def _booleans_kept(data: bytes, frame: pl.DataFrame) -> bool:
+    """Whether every ``true``/``false`` in ``data`` is a value of a Boolean column.
+
+    ``read_json`` (unlike ``read_ndjson``) silently turns booleans that share a column
+    with numbers into numbers (``true`` -> ``1``). Each Boolean value stems from one
+    literal, and the byte count bounds the literals, so equality proves none was lost.
+    """
+    literals = data.count(b"true") + data.count(b"false")
+    if not literals:
+        return True
+    kept = sum(
+        frame.get_column(name).count()
+        for name, dtype in frame.schema.items()
+        if dtype == pl.Boolean
+    )
+    return kept == literals
 
 
 def _reject_constant(name: str) -> None:
