@@ -120,12 +120,20 @@ def up(
     def run_processor() -> None:
         try:
             processor.run_forever(stop)
-        except ProcessorLockedError as exc:
+        except BaseException as exc:
             failure.append(exc)
-            err.print(f"[bold red]error:[/] {exc}")
+            if not isinstance(exc, ProcessorLockedError):
+                structlog.get_logger(__name__).exception("processor.crashed")
 
     worker = threading.Thread(target=run_processor, name="lakehouse-processor", daemon=True)
     worker.start()
+    # Serve nothing unless the processor really runs (e.g. another one holds the data dir).
+    while not processor.started.wait(timeout=0.05):
+        if failure or not worker.is_alive():
+            reason = failure[0] if failure else "processor thread stopped"
+            if isinstance(reason, ProcessorLockedError):
+                _fail(str(reason), code=1)
+            _fail(f"processor failed to start: {reason}", code=1)
     err.print(
         f"lakehouse up: API on http://{settings.api_host}:{settings.api_port} "
         f"(docs at /docs), data in {settings.data_dir}"
@@ -137,7 +145,7 @@ def up(
         processor.wake.set()
         worker.join(timeout=30)
     if failure:
-        raise typer.Exit(1)
+        _fail(f"processor stopped: {failure[0]}", code=1)
 
 
 @app.command()

@@ -97,6 +97,7 @@ class Processor:
         self._gold = GoldRefresher(store, crash)
         self._lock = ProcessorLock(settings.data_dir)
         self.wake = threading.Event()
+        self.started = threading.Event()  # set once the lock is held and the watcher runs
 
     def run_cycle(self) -> CycleReport:
         """Drain the landing zone once: every source, every stage. Failures are reported."""
@@ -139,6 +140,7 @@ class Processor:
         self._lock.acquire()
         watcher = LandingWatcher(self._layout.landing_root, self.wake)
         watcher.start()
+        self.started.set()
         log.info("processor.started", data_dir=str(self._settings.data_dir))
         backoff = 0.0
         try:

@@ -201,3 +201,25 @@ def test_first_up_prints_an_admin_token_once(data_dir: Path, tmp_path: Path) -> 
         assert response.json()["rows"] == [{"one": 1}]
     finally:
         stop(proc)
+
+
+def test_up_refuses_to_start_when_another_processor_owns_the_data_dir(
+    data_dir: Path, tokens: Tokens, tmp_path: Path
+) -> None:
+    from delta_processing.processor import ProcessorLock
+
+    lock = ProcessorLock(data_dir)
+    lock.acquire()
+    try:
+        result = subprocess.run(
+            [*LAKEHOUSE, "up", "--port", str(free_port())],
+            cwd=REPO,
+            env=lakehouse_env(data_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        lock.release()
+    assert result.returncode == 1
+    assert "only one may run per data directory" in result.stderr
