@@ -144,3 +144,12 @@ def test_process_once_then_sql_and_tables(tmp_path: Path) -> None:
     listing = _cli(tmp_path, "tables")
     for name in ("bronze.readings", "silver.readings", "gold.readings_hourly"):
         assert name in listing.stdout
+
+
+def test_dotenv_in_the_working_directory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("LAKEHOUSE_QUERY_MAX_ROWS=123\nLAKEHOUSE_LOG_LEVEL=DEBUG\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert (settings.query_max_rows, settings.log_level) == (123, "DEBUG")

@@ -219,3 +219,31 @@ def test_sources_without_a_contract_still_land_in_bronze(settings: Settings) -> 
     Processor(settings, load_contracts()).run_once()
     assert _table(settings, "bronze", "events").select("kind", "count").rows() == [("click", "3")]
     assert not (settings.data_dir / "silver" / "events").exists()
+
+
+def test_watcher_wakes_on_new_files_in_new_and_existing_source_dirs(settings: Settings) -> None:
+    import threading
+
+    from landing_zone.watcher import LandingWatcher
+
+    layout = LandingLayout(settings.data_dir)
+    layout.source_dir("readings").mkdir(parents=True)
+    wake = threading.Event()
+    watcher = LandingWatcher(layout.landing_root, wake)
+    watcher.start()
+    try:
+        assert wake.wait(2)  # start-up wake: files may predate the watch
+        wake.clear()
+        (layout.source_dir("readings") / ".partial.tmp").write_text("{}")
+        assert not wake.wait(0.5)  # hidden temp names never wake the processor
+        _write(settings, [_reading(1, 1.0)])
+        assert wake.wait(5)
+        wake.clear()
+        new_source = layout.source_dir("events")
+        new_source.mkdir()
+        assert wake.wait(5)  # a new source directory is watched from now on
+        wake.clear()
+        (new_source / "drop.csv").write_text("a\n1\n")
+        assert wake.wait(5)
+    finally:
+        watcher.stop()
