@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
 import io
 import json
 import zlib
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import polars as pl
+from polars.datatypes import DataTypeClass
 
 BatchFormat = Literal["json", "ndjson", "csv", "parquet"]
 
@@ -92,16 +94,22 @@ def format_for_filename(name: str) -> tuple[BatchFormat, bool]:
 
 
 def gunzip(data: bytes, max_bytes: int) -> bytes:
-    """Decompress gzip ``data``, refusing to inflate past ``max_bytes`` (zip bombs)."""
-    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    """Decompress gzip ``data``, refusing to inflate past ``max_bytes`` (zip bombs).
+
+    Every member is read, as ``gzip -d`` does: concatenated ``.gz`` files are valid gzip,
+    and stopping after the first member would silently drop the records of the others.
+    """
+    if not data:
+        raise MalformedBatch("truncated gzip stream")
     try:
-        out = decompressor.decompress(data, max_bytes + 1)
-        if len(out) > max_bytes:
-            raise BatchTooLarge(f"gzip body inflates past the limit of {max_bytes} bytes")
-        if not decompressor.eof:
-            raise MalformedBatch("truncated gzip stream")
-    except zlib.error as exc:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+            out = stream.read(max_bytes + 1)
+    except EOFError:
+        raise MalformedBatch("truncated gzip stream") from None
+    except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise MalformedBatch(f"invalid gzip data: {exc}") from None
+    if len(out) > max_bytes:
+        raise BatchTooLarge(f"gzip body inflates past the limit of {max_bytes} bytes")
     return out
 
 
@@ -269,7 +277,25 @@ def _decode_parquet(data: bytes) -> pl.DataFrame:
         frame = pl.read_parquet(io.BytesIO(data))
     except Exception as exc:
         raise MalformedBatch(f"invalid Parquet: {_first_line(exc)}") from None
-    return to_raw_strings(frame)
+    for name, dtype in frame.schema.items():
+        if dtype.is_nested() and _holds_binary(dtype):
+            # Polars panics (instead of raising) when asked to write such values as JSON.
+            raise MalformedBatch(
+                f"unsupported Parquet column {name!r}: binary values inside {dtype} "
+                "have no JSON text form"
+            )
+    try:
+        return to_raw_strings(frame)
+    except Exception as exc:
+        raise MalformedBatch(f"unsupported Parquet data: {_first_line(exc)}") from None
+
+
+def _holds_binary(dtype: pl.DataType | DataTypeClass) -> bool:
+    if isinstance(dtype, pl.List | pl.Array):
+        return _holds_binary(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        return any(_holds_binary(field.dtype) for field in dtype.fields)
+    return dtype == pl.Binary
 
 
 def to_raw_strings(frame: pl.DataFrame) -> pl.DataFrame:
@@ -286,8 +312,10 @@ def _raw_string(name: str, dtype: pl.DataType) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         fmt = "%Y-%m-%dT%H:%M:%S%.f" + ("%:z" if dtype.time_zone else "")
         return column.dt.to_string(fmt)
+    if isinstance(dtype, pl.Duration):
+        return column.dt.to_string("iso")
     if isinstance(dtype, pl.Struct):
-        return column.struct.json_encode()
+        return pl.when(column.is_null()).then(None).otherwise(column.struct.json_encode())
     if isinstance(dtype, pl.List | pl.Array):
         # json_encode works on structs only: wrap, encode, then strip the wrapper.
         wrapped = pl.struct(column.alias("v")).struct.json_encode()
