@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,16 +25,19 @@ from pathlib import Path
 import polars as pl
 import structlog
 
+from delta_processing.column_names import RESERVED_COLUMNS, delta_safe_names
 from delta_processing.crashpoints import CrashPoints
-from delta_processing.tables import TableStore, append, commit_marker, consumed_version
+from delta_processing.tables import (
+    TableStore,
+    append,
+    commit_marker,
+    consumed_version,
+    table_columns,
+)
 from landing_zone.formats import BatchDecodeError, read_batch_file
 from landing_zone.layout import LandingLayout, fsync_directory
 
 BRONZE_APP_ID = "lakehouse/bronze"
-LINEAGE_COLUMNS = ("_source", "_landing_file", "_batch_id", "_row", "_ingested_at")
-
-# Delta (without column mapping) forbids these characters in column names.
-_INVALID_COLUMN_CHARS = re.compile(r"[ ,;{}()\n\t=]")
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +122,7 @@ class BronzeIngestor:
 
     def _commit_claim(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
         ingested_at = datetime.now(UTC)
+        spellings = self._existing_spellings(source)
         frames: list[pl.DataFrame] = []
         quarantined = 0
         files = sorted(p for p in claim_dir.iterdir() if p.is_file())
@@ -130,7 +133,7 @@ class BronzeIngestor:
                 self._quarantine_file(source, path, str(exc))
                 quarantined += 1
                 continue
-            frames.append(with_lineage(raw, source, path.name, ingested_at))
+            frames.append(with_lineage(raw, source, path.name, ingested_at, spellings))
         rows = 0
         if frames:
             batch = pl.concat(frames, how="diagonal_relaxed")
@@ -153,6 +156,14 @@ class BronzeIngestor:
         )
         self._archive(source, claim_dir)
         return BronzeBatchResult(source, seq, len(frames), rows, quarantined)
+
+    def _existing_spellings(self, source: str) -> dict[str, str]:
+        """Lower-cased name -> spelling of the raw columns bronze already has."""
+        table = self._store.open("bronze", source)
+        if table is None:
+            return {}
+        names = table_columns(table)
+        return {n.lower(): n for n in names if n.lower() not in RESERVED_COLUMNS}
 
     def _archive(self, source: str, claim_dir: Path) -> None:
         """Move a committed claim's files out of the landing zone, then drop the claim."""
@@ -185,10 +196,18 @@ class BronzeIngestor:
 
 
 def with_lineage(
-    raw: pl.DataFrame, source: str, landing_file: str, ingested_at: datetime
+    raw: pl.DataFrame,
+    source: str,
+    landing_file: str,
+    ingested_at: datetime,
+    spellings: dict[str, str],
 ) -> pl.DataFrame:
-    """Add bronze lineage columns to a raw batch (pure; column names made Delta-safe)."""
-    renamed = raw.rename(delta_safe_names(raw.columns))
+    """Add bronze lineage columns to a raw batch, its field names made Delta-safe.
+
+    ``spellings`` carries the column spellings of the table and of earlier files
+    of the batch (see :func:`delta_safe_names`).
+    """
+    renamed = raw.rename(delta_safe_names(raw.columns, spellings))
     batch_id = landing_file.split(".", 1)[0]
     return renamed.with_columns(
         pl.lit(source).alias("_source"),
@@ -197,22 +216,3 @@ def with_lineage(
         pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
         pl.lit(ingested_at).dt.cast_time_unit("us").alias("_ingested_at"),
     )
-
-
-def delta_safe_names(columns: list[str]) -> dict[str, str]:
-    """Rename record fields that Delta cannot store as-is.
-
-    Characters Delta forbids become ``_``; names clashing with lineage columns or
-    (case-insensitively, as Delta compares) with each other get a numeric suffix.
-    """
-    taken = {name.lower() for name in LINEAGE_COLUMNS}
-    mapping: dict[str, str] = {}
-    for column in columns:
-        candidate = _INVALID_COLUMN_CHARS.sub("_", column) or "_blank"
-        base, suffix = candidate, 1
-        while candidate.lower() in taken:
-            candidate = f"{base}_{suffix}"
-            suffix += 1
-        taken.add(candidate.lower())
-        mapping[column] = candidate
-    return mapping

@@ -30,6 +30,7 @@ from delta_processing.tables import (
     key_predicate,
     read_changes,
     read_snapshot,
+    sync_latest_commit,
     to_arrow,
 )
 
@@ -251,3 +252,4 @@ def _apply_upserts(
         .when_not_matched_insert(updates=updates, predicate=f's."{PRESENT}"')
         .execute()
     )
+    sync_latest_commit(gold)

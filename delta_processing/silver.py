@@ -21,6 +21,7 @@ from deltalake import DeltaTable
 
 from config.contracts import SourceContract
 from delta_processing.coercions import SILVER_DTYPES, apply_contract
+from delta_processing.column_names import CHANGE_FEED_COLUMNS
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
     TableStore,
@@ -30,12 +31,12 @@ from delta_processing.tables import (
     ensure_table,
     key_predicate,
     read_changes,
+    sync_latest_commit,
     to_arrow,
 )
 
 SILVER_APP_ID = "lakehouse/silver<-bronze"
 QUARANTINE_APP_ID = "lakehouse/quarantine<-bronze"
-CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 SILVER_LINEAGE: dict[str, pl.DataType] = {
     "_source": pl.String(),
     "_batch_id": pl.String(),
@@ -116,7 +117,7 @@ class SilverPromoter:
         rows = rejected.with_columns(
             pl.col("_commit_version").cast(pl.Int64).alias("_bronze_version"),
             pl.lit(datetime.now(UTC)).dt.cast_time_unit("us").alias("_quarantined_at"),
-        ).drop(CDF_COLUMNS)
+        ).drop(CHANGE_FEED_COLUMNS)
         append(
             self._store.uri("quarantine", source),
             rows,
@@ -144,6 +145,7 @@ class SilverPromoter:
                 .when_not_matched_insert_all()
                 .execute()
             )
+            sync_latest_commit(silver)
         self._crash.reached("after_silver_commit")
 
 

@@ -9,14 +9,19 @@ crash says exactly where to resume.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote
 
 import polars as pl
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
+
+from landing_zone.layout import fsync_directory
 
 Layer = Literal["bronze", "silver", "gold", "quarantine"]
 LAYERS: tuple[Layer, ...] = ("bronze", "silver", "gold", "quarantine")
@@ -49,6 +54,11 @@ class TableStore:
         return sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir())
 
 
+def table_columns(table: DeltaTable) -> list[str]:
+    """Column names of a table, in schema order."""
+    return [field.name for field in table.schema().fields]
+
+
 def consumed_version(table: DeltaTable | None, app_id: str) -> int | None:
     """The upstream version ``app_id`` recorded in ``table``, or ``None`` if never."""
     return None if table is None else table.transaction_version(app_id)
@@ -75,12 +85,57 @@ def ensure_table(
     if table is not None:
         return table
     empty = to_arrow(pl.DataFrame(schema=schema))
-    return DeltaTable.create(
+    created = DeltaTable.create(
         store.uri(layer, name),
         schema=empty.schema,
         mode="ignore",
         configuration=CDF_CONFIGURATION if cdf else None,
     )
+    sync_latest_commit(created)
+    return created
+
+
+def sync_latest_commit(table: str | DeltaTable) -> None:
+    """fsync the newest commit of a local table: its log entry and the files it adds.
+
+    deltalake writes without fsync. A stage that lets go of its input after a
+    commit (bronze archives landing files) must first make that commit survive a
+    power loss, or the input would be gone and the commit with it. Object stores
+    are durable once a write returns, so only local paths need this.
+    """
+    uri = table.table_uri if isinstance(table, DeltaTable) else table
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    root = Path(unquote(uri.removeprefix("file://")))
+    log_dir = root / "_delta_log"
+    commits = sorted(log_dir.glob("*.json"))
+    if not commits:
+        return
+    latest = commits[-1]
+    directories = {log_dir, root}
+    for line in latest.read_text(encoding="utf-8").splitlines():
+        added = json.loads(line).get("add") if line.strip() else None
+        if added:
+            data_file = root / unquote(added["path"])
+            _fsync_file(data_file)
+            directories.add(data_file.parent)
+    _fsync_file(latest)
+    for extra in (
+        log_dir / "_last_checkpoint",
+        *sorted(log_dir.glob("*.checkpoint*.parquet"))[-1:],
+    ):
+        if extra.exists():
+            _fsync_file(extra)
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        fsync_directory(directory)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def append(
@@ -100,6 +155,7 @@ def append(
         configuration=CDF_CONFIGURATION if cdf else None,
         commit_properties=marker,
     )
+    sync_latest_commit(target)
 
 
 def key_predicate(keys: list[str]) -> str:

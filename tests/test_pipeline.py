@@ -7,6 +7,7 @@ import json
 import os
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -14,7 +15,8 @@ from polars.testing import assert_frame_equal
 
 from config.contracts import load_contracts
 from config.settings import Settings
-from delta_processing.bronze import BRONZE_APP_ID, delta_safe_names
+from delta_processing.bronze import BRONZE_APP_ID
+from delta_processing.column_names import delta_safe_names
 from delta_processing.processor import Processor, ProcessorLock, ProcessorLockedError
 from delta_processing.tables import TableStore
 from landing_zone.formats import decode_batch
@@ -120,14 +122,24 @@ def test_new_fields_widen_bronze_and_odd_names_are_made_delta_safe(settings: Set
     assert _table(settings, "silver").height == 2
 
 
-def test_delta_safe_names_dedupes_case_insensitively() -> None:
-    assert delta_safe_names(["a b", "A_B", "x=1", "", "_row"]) == {
+def test_delta_safe_names_dedupes_case_insensitively_and_reserves_platform_columns() -> None:
+    spellings = {"unit": "unit"}  # already in the table
+    mapping = delta_safe_names(
+        ["a b", "A_B", "x=1", "", "_row", "_Change_Type", "_reason", "Unit", "c\x00"], spellings
+    )
+    assert mapping == {
         "a b": "a_b",
         "A_B": "A_B_1",
         "x=1": "x_1",
         "": "_blank",
         "_row": "_row_1",
+        "_Change_Type": "_Change_Type_1",
+        "_reason": "_reason_1",
+        "Unit": "unit",  # joins the existing column
+        "c\x00": "c_",
     }
+    # A later frame of the same batch reuses the spellings chosen so far.
+    assert delta_safe_names(["A_b", "a_B_1"], spellings) == {"A_b": "a_b", "a_B_1": "A_B_1"}
 
 
 def test_resent_and_updated_readings_keep_one_silver_row(settings: Settings) -> None:
@@ -247,3 +259,17 @@ def test_watcher_wakes_on_new_files_in_new_and_existing_source_dirs(settings: Se
         assert wake.wait(5)
     finally:
         watcher.stop()
+
+
+def test_sync_latest_commit_finds_every_added_file_even_in_encoded_partitions(
+    tmp_path: Path,
+) -> None:
+    from deltalake import write_deltalake
+
+    from delta_processing.tables import sync_latest_commit
+
+    frame = pl.DataFrame({"part": ["a:b c", "ümlaut/x"], "v": [1, 2]})
+    write_deltalake(str(tmp_path / "t"), frame.to_arrow(), partition_by=["part"])
+    sync_latest_commit(str(tmp_path / "t"))  # raises if a path does not resolve
+    sync_latest_commit(f"file://{tmp_path / 't'}/")
+    sync_latest_commit("az://container/never-touched")  # remote: nothing to do

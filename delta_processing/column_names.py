@@ -1,0 +1,46 @@
+"""Column names for raw records: whatever senders invent must be storable in Delta.
+
+Invariant protected here: no record field can make a bronze append fail or shadow
+a column the platform itself writes. Delta (without column mapping) forbids some
+characters and compares names case-insensitively; the platform reserves its
+lineage, change-feed and quarantine columns.
+"""
+
+from __future__ import annotations
+
+import re
+
+LINEAGE_COLUMNS = ("_source", "_landing_file", "_batch_id", "_row", "_ingested_at")
+CHANGE_FEED_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+QUARANTINE_COLUMNS = ("_reason", "_bronze_version", "_quarantined_at")
+RESERVED_COLUMNS = frozenset(
+    name.lower()
+    for name in (*LINEAGE_COLUMNS, *CHANGE_FEED_COLUMNS, *QUARANTINE_COLUMNS, "_rescued_data")
+)
+MAX_NAME_LENGTH = 255
+
+# Characters Delta forbids in names without column mapping, plus control characters.
+_INVALID_CHARS = re.compile(r"[ ,;{}()=\x00-\x1f\x7f]")
+
+
+def delta_safe_names(columns: list[str], spellings: dict[str, str]) -> dict[str, str]:
+    """Map each raw field name of one frame to a name bronze can store.
+
+    ``spellings`` maps lower-cased names to the spelling already used (by the table,
+    or by earlier frames of the same batch) and is updated: ``Unit`` arriving after
+    ``unit`` joins the ``unit`` column, as case-insensitive Delta readers expect.
+    Within one frame, names that clash case-insensitively or with a reserved column
+    get a numeric suffix.
+    """
+    used: set[str] = set()
+    mapping: dict[str, str] = {}
+    for column in columns:
+        base = _INVALID_CHARS.sub("_", column)[:MAX_NAME_LENGTH] or "_blank"
+        candidate, suffix = base, 0
+        while candidate.lower() in RESERVED_COLUMNS or candidate.lower() in used:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        lower = candidate.lower()
+        used.add(lower)
+        mapping[column] = spellings.setdefault(lower, candidate)
+    return mapping
