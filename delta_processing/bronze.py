@@ -38,6 +38,8 @@ from landing_zone.formats import BatchDecodeError, read_batch_file
 from landing_zone.layout import LandingLayout, fsync_directory
 
 BRONZE_APP_ID = "lakehouse/bronze"
+# A claim whose append fails this many times in a row is set aside (file quarantine).
+MAX_CLAIM_ATTEMPTS = 3
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +78,7 @@ class BronzeIngestor:
         self._store = store
         self._limits = limits
         self._crash = crash_points
+        self._failures: dict[tuple[str, int], int] = {}
 
     def recover(self, source: str) -> list[BronzeBatchResult]:
         """Finish claims left by a previous run: archive committed ones, commit the rest."""
@@ -87,7 +90,7 @@ class BronzeIngestor:
                 self._archive(source, directory)
             else:
                 log.info("bronze.recover.recommit", source=source, seq=seq)
-                results.append(self._commit_claim(source, seq, directory))
+                results.append(self._commit_or_give_up(source, seq, directory))
         return results
 
     def ingest_next(self, source: str) -> BronzeBatchResult | None:
@@ -104,7 +107,32 @@ class BronzeIngestor:
             os.rename(path, claim_dir / path.name)
         fsync_directory(claim_dir)
         self._crash.reached("after_claim")
-        return self._commit_claim(source, seq, claim_dir)
+        return self._commit_or_give_up(source, seq, claim_dir)
+
+    def _commit_or_give_up(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
+        """Commit a claim; after repeated failures set its files aside so the source moves on.
+
+        The files go to the file quarantine with the error, from where an operator can
+        drop them back into ``landing/<source>/`` once the cause is fixed.
+        """
+        try:
+            return self._commit_claim(source, seq, claim_dir)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            attempts = self._failures.get((source, seq), 0) + 1
+            self._failures[(source, seq)] = attempts
+            if attempts < MAX_CLAIM_ATTEMPTS:
+                raise
+            error = f"bronze append failed {MAX_CLAIM_ATTEMPTS} times: {exc}"
+        log.error("bronze.claim_quarantined", source=source, seq=seq, error=error)
+        files = sorted(p for p in claim_dir.iterdir() if p.is_file())
+        for path in files:
+            self._quarantine_file(source, path, error)
+        claim_dir.rmdir()
+        fsync_directory(claim_dir.parent)
+        del self._failures[(source, seq)]
+        return BronzeBatchResult(source, seq, 0, 0, len(files))
 
     def _select(self, pending: list[Path]) -> list[Path]:
         chosen: list[Path] = []

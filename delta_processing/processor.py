@@ -100,32 +100,45 @@ class Processor:
         self.started = threading.Event()  # set once the lock is held and the watcher runs
 
     def run_cycle(self) -> CycleReport:
-        """Drain the landing zone once: every source, every stage. Failures are reported."""
+        """Drain the landing zone once: every source, every stage. Failures are reported.
+
+        Sources take turns, one bronze micro-batch each, so a busy source cannot
+        starve the others; a failing source is skipped until the next cycle.
+        """
         report = CycleReport()
-        sources = sorted(set(self._contracts) | set(self._layout.sources_with_files()))
-        for source in sources:
-            try:
-                self._process_source(source, report)
-            except Exception as exc:
-                # A broken source must not starve the others; it is retried next cycle.
-                log.exception("processor.source_failed", source=source)
-                report.failures.append(f"{source}: {exc}")
+        pending = sorted(set(self._contracts) | set(self._layout.sources_with_files()))
+        first_turn = True
+        while pending:
+            still_busy = []
+            for source in pending:
+                try:
+                    if first_turn:
+                        report.bronze.extend(self._bronze.recover(source))
+                    if self._step(source, report):
+                        still_busy.append(source)
+                except BaseException as exc:
+                    if isinstance(exc, KeyboardInterrupt | SystemExit):
+                        raise
+                    # Polars/deltalake panics are BaseExceptions: a bad source must
+                    # not kill the processor or starve the others.
+                    log.exception("processor.source_failed", source=source)
+                    report.failures.append(f"{source}: {exc}")
+            pending = still_busy
+            first_turn = False
         return report
 
-    def _process_source(self, source: str, report: CycleReport) -> None:
+    def _step(self, source: str, report: CycleReport) -> bool:
+        """One bronze micro-batch of ``source``, then silver and gold; True if bronze had work."""
+        batch = self._bronze.ingest_next(source)
+        if batch is not None:
+            report.bronze.append(batch)
         contract = self._contracts.get(source)
-        report.bronze.extend(self._bronze.recover(source))
-        while True:
-            batch = self._bronze.ingest_next(source)
-            if batch is not None:
-                report.bronze.append(batch)
-            if contract is not None:
-                promoted = self._silver.promote(contract)
-                if promoted is not None:
-                    report.silver.append(promoted)
-                report.gold.extend(self._gold.refresh(contract))
-            if batch is None:
-                return
+        if contract is not None:
+            promoted = self._silver.promote(contract)
+            if promoted is not None:
+                report.silver.append(promoted)
+            report.gold.extend(self._gold.refresh(contract))
+        return batch is not None
 
     def run_once(self) -> CycleReport:
         """Take the lock, drain everything once, release (for `lakehouse process --once`)."""

@@ -273,3 +273,49 @@ def test_sync_latest_commit_finds_every_added_file_even_in_encoded_partitions(
     sync_latest_commit(str(tmp_path / "t"))  # raises if a path does not resolve
     sync_latest_commit(f"file://{tmp_path / 't'}/")
     sync_latest_commit("az://container/never-touched")  # remote: nothing to do
+
+
+def test_hostile_field_names_never_block_a_source(settings: Settings) -> None:
+    processor = Processor(settings, load_contracts())
+    _write(settings, [{**_reading(1, 1.0), "Unit": "C", "_change_type": "x", "\u0000": 1}])
+    _write(settings, [{**_reading(2, 2.0), "unit": "F", "_REASON": "r", "_commit_version": 3}])
+    assert processor.run_once().failures == []
+    _write(settings, [{**_reading(3, 3.0), "UNIT": "K"}])
+    assert processor.run_once().failures == []
+    bronze = _table(settings, "bronze")
+    assert [c for c in bronze.columns if c.lower() == "unit"] == ["Unit"]
+    assert sorted(bronze["Unit"].to_list()) == ["C", "F", "K"]
+    assert {"_change_type_1", "_REASON_1", "_commit_version_1", "_"} <= set(bronze.columns)
+    assert _table(settings, "silver").height == 3
+    assert pl.read_delta(str(settings.data_dir / "gold" / "readings_hourly")).height == 1
+
+
+def test_a_claim_that_keeps_failing_is_set_aside_and_the_source_moves_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Delta write fault no real input produces on demand: injected with a mock."""
+    import delta_processing.bronze as bronze_module
+    from delta_processing.bronze import MAX_CLAIM_ATTEMPTS
+
+    real_append = bronze_module.append
+    poisoned = _write(settings, [_reading(1, 1.0)])
+
+    def failing_append(target, frame, marker, **kwargs):
+        if poisoned in frame["_landing_file"].to_list():
+            raise OSError("simulated storage fault")
+        return real_append(target, frame, marker, **kwargs)
+
+    monkeypatch.setattr(bronze_module, "append", failing_append)
+    processor = Processor(settings, load_contracts())
+    for _attempt in range(1, MAX_CLAIM_ATTEMPTS):
+        report = processor.run_once()
+        assert len(report.failures) == 1 and "simulated storage fault" in report.failures[0]
+    assert processor.run_once().failures == []
+    bad_dir = settings.data_dir / "quarantine" / "_files" / "readings"
+    assert (bad_dir / poisoned).is_file()
+    error = json.loads((bad_dir / f"{poisoned}.error.json").read_text())
+    assert "simulated storage fault" in error["error"]
+    # Later data flows again.
+    _write(settings, [_reading(2, 2.0)])
+    assert processor.run_once().failures == []
+    assert _table(settings, "silver")["value"].to_list() == [2.0]
