@@ -199,7 +199,7 @@ class BronzeIngestor:
         target = self._layout.archive_dir(source, day)
         target.mkdir(parents=True, exist_ok=True)
         for index, path in enumerate(sorted(claim_dir.iterdir())):
-            shutil.move(path, target / path.name)
+            shutil.move(path, free_path(target, path.name))
             if index == 0:
                 self._crash.reached("mid_archive")
         fsync_directory(target)
@@ -216,11 +216,27 @@ class BronzeIngestor:
             "error": error,
             "quarantined_at": datetime.now(UTC).isoformat(),
         }
-        error_path = target_dir / f"{path.name}.error.json"
+        target = free_path(target_dir, path.name)
+        error_path = target_dir / f"{target.name}.error.json"
         error_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-        shutil.move(path, target_dir / path.name)
+        shutil.move(path, target)
         fsync_directory(target_dir)
         log.warning("bronze.file_quarantined", source=source, file=path.name, error=error)
+
+
+def free_path(directory: Path, name: str) -> Path:
+    """``directory/name``, or ``directory/<head>~<n>.<rest>`` if taken: never overwrite.
+
+    Hand-dropped files reuse names (``export.json`` every day); archive and quarantine
+    must keep every one of them.
+    """
+    candidate = directory / name
+    head, dot, rest = name.partition(".")
+    counter = 1
+    while candidate.exists():
+        candidate = directory / f"{head}~{counter}{dot}{rest}"
+        counter += 1
+    return candidate
 
 
 def with_lineage(

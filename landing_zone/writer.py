@@ -9,6 +9,7 @@ either no visible file or a complete one, never a partial one.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import threading
@@ -64,12 +65,16 @@ class LandingWriter:
         name = f"{batch_id}.parquet"
         temp_path = temp_dir / name
         final_path = final_dir / name
+        # Serialise first: Polars wraps I/O errors in its own exception types, and a
+        # disk-full error must reach the caller as the OSError it is.
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, compression="zstd", statistics=False)
+        payload = buffer.getbuffer()
         try:
             with open(temp_path, "xb") as handle:
-                frame.write_parquet(handle, compression="zstd", statistics=False)
+                handle.write(payload)
                 handle.flush()
                 os.fsync(handle.fileno())
-                size = handle.tell()
             os.rename(temp_path, final_path)
             fsync_directory(final_dir)
         except OSError as exc:
@@ -77,7 +82,7 @@ class LandingWriter:
             raise LandingWriteError(
                 exc.errno, f"cannot write landing file for {source!r}: {exc.strerror}"
             ) from exc
-        return LandingReceipt(batch_id, source, final_path, frame.height, size)
+        return LandingReceipt(batch_id, source, final_path, frame.height, len(payload))
 
     def _ensure_dirs(self, final_dir: Path, temp_dir: Path) -> None:
         if final_dir in self._ready_dirs:

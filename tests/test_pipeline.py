@@ -319,3 +319,25 @@ def test_a_claim_that_keeps_failing_is_set_aside_and_the_source_moves_on(
     _write(settings, [_reading(2, 2.0)])
     assert processor.run_once().failures == []
     assert _table(settings, "silver")["value"].to_list() == [2.0]
+
+
+def test_files_dropped_twice_under_one_name_are_all_kept(settings: Settings) -> None:
+    processor = Processor(settings, load_contracts())
+    source_dir = LandingLayout(settings.data_dir).source_dir("readings")
+    source_dir.mkdir(parents=True)
+    for value in (1.0, 2.0):
+        (source_dir / "export.ndjson").write_bytes(_ndjson([_reading(int(value), value)]))
+        (source_dir / "broken.json").write_bytes(b"{not json")
+        processor.run_once()
+    archived = sorted(p.name for p in (settings.data_dir / "archive").rglob("*.ndjson"))
+    assert archived == ["export.ndjson", "export~1.ndjson"]
+    quarantined = sorted(
+        p.name for p in (settings.data_dir / "quarantine" / "_files" / "readings").iterdir()
+    )
+    assert quarantined == [
+        "broken.json",
+        "broken.json.error.json",
+        "broken~1.json",
+        "broken~1.json.error.json",
+    ]
+    assert sorted(_table(settings, "silver")["value"].to_list()) == [1.0, 2.0]
