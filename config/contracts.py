@@ -106,6 +106,9 @@ class SourceContract(_Strict):
                 raise ValueError(f"key column {key!r} is not a declared field")
         if types.get(self.event_time) != "timestamp":
             raise ValueError(f"event_time {self.event_time!r} must be a declared timestamp field")
+        required = set(self.required_fields)
+        if self.event_time not in required:
+            raise ValueError(f"event_time {self.event_time!r} must be required (or a key)")
         names = [g.name for g in self.gold]
         if len(set(names)) != len(names):
             raise ValueError("gold table names must be unique")
@@ -113,6 +116,12 @@ class SourceContract(_Strict):
             for column in [*spec.group_by, spec.value]:
                 if column not in types:
                     raise ValueError(f"gold {spec.name!r} uses undeclared field {column!r}")
+            for column in spec.group_by:
+                # Null groups would never match a MERGE key: gold would silently drop them.
+                if column not in required:
+                    raise ValueError(
+                        f"gold {spec.name!r} groups by {column!r}, which must be required"
+                    )
             if types[spec.value] not in ("int", "float"):
                 raise ValueError(f"gold {spec.name!r} value {spec.value!r} must be numeric")
         return self

@@ -15,6 +15,7 @@ import functools
 import gzip
 import io
 import json
+import re
 import zlib
 from collections.abc import Callable
 from typing import Literal
@@ -143,6 +144,9 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
         frame = reader(io.BytesIO(data), infer_schema_length=None)
         if not ndjson and not _booleans_kept(data, frame):
             raise ValueError("read_json turned booleans into numbers")
+        if _LONG_DIGITS.search(data) and pl.Float64 in frame.schema.dtypes():
+            # An integer past 2**53 sharing a column with floats would lose digits.
+            raise ValueError("long integers in a float column")
         return to_raw_strings(frame)
     except Exception:
         # Polars rejects malformed input without a position, and cannot type some valid
@@ -150,6 +154,9 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
         # the fault or yields records that we stringify ourselves.
         records = _ndjson_records(data) if ndjson else _json_records(data)
     return _raw_frame(records)
+
+
+_LONG_DIGITS = re.compile(rb"\d{16,}")
 
 
 def _booleans_kept(data: bytes, frame: pl.DataFrame) -> bool:

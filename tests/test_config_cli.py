@@ -88,6 +88,14 @@ def test_builtin_readings_contract() -> None:
             "fields.0.type",
         ),
         (
+            'name = "bad"\nkeys = ["ts"]\nevent_time = "ts"\n'
+            '[[fields]]\nname = "ts"\ntype = "timestamp"\n'
+            '[[fields]]\nname = "site"\ntype = "string"\n'
+            '[[fields]]\nname = "v"\ntype = "float"\n'
+            '[[gold]]\nname = "g"\nkind = "latest"\ngroup_by = ["site"]\nvalue = "v"\n',
+            "groups by 'site', which must be required",
+        ),
+        (
             'name = "other"\nkeys = ["ts"]\nevent_time = "ts"\n'
             '[[fields]]\nname = "ts"\ntype = "timestamp"\n',
             "must match the file name",

@@ -693,3 +693,11 @@ def test_gzip_of_each_text_format_decodes_like_the_plain_body() -> None:
         inflated = gunzip(gzip.compress(body), len(body))
         assert inflated == body
         assert_frame_equal(decode_batch(inflated, fmt), decode_batch(body, fmt))
+
+
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+def test_long_integers_beside_floats_keep_every_digit(fmt: Any) -> None:
+    records = [{"id": 9007199254740993, "v": 1}, {"id": 1.5, "v": 2.5}]
+    body = as_json_array(records) if fmt == "json" else as_ndjson(records)
+    frame = decode_batch(body, fmt)
+    assert frame["id"].to_list() == ["9007199254740993", "1.5"]
