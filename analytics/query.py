@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from analytics.views import connect
+from config.settings import Settings
 
 
 class QueryError(Exception):
@@ -40,10 +41,23 @@ class QueryRowLimit(QueryError):
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """Bounds of one query: wall-clock seconds and result rows."""
+    """Bounds of one query: wall-clock seconds, result rows, memory and threads."""
 
     timeout_s: float
     max_rows: int
+    memory_limit_mb: int = 1024
+    threads: int = 2
+
+    @classmethod
+    def from_settings(cls, settings: Settings, max_rows: int | None = None) -> QueryLimits:
+        """The configured limits; ``max_rows`` may only lower the configured row limit."""
+        rows = min(max_rows or settings.query_max_rows, settings.query_max_rows)
+        return cls(
+            timeout_s=settings.query_timeout_s,
+            max_rows=rows,
+            memory_limit_mb=settings.query_memory_limit_mb,
+            threads=settings.query_threads,
+        )
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
@@ -61,7 +75,12 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 
 def run_query(data_dir: Path, sql: str, limits: QueryLimits) -> pa.Table:
     """Run read-only ``sql`` over fresh views of ``data_dir``; return the rows as Arrow."""
-    con = connect(data_dir, sandboxed=True)
+    con = connect(
+        data_dir,
+        sandboxed=True,
+        threads=limits.threads,
+        memory_limit_mb=limits.memory_limit_mb,
+    )
     try:
         check_read_only(con, sql)
         return _run_with_limits(con, sql, limits)

@@ -54,30 +54,35 @@ def register_views(con: duckdb.DuckDBPyConnection, snapshots: list[TableSnapshot
         con.execute(f"CREATE OR REPLACE VIEW {target} AS SELECT * FROM {_ident(relation_name)}")
 
 
-def table_directories(data_dir: Path) -> list[str]:
-    """The directories a sandboxed connection may read: the layers' tables, nothing else."""
-    root = data_dir.resolve()
-    return [f"{root / layer}/" for layer in LAYERS]
-
-
 def connect(
-    data_dir: Path | str = "dados", *, sandboxed: bool = False, threads: int | None = None
+    data_dir: Path | str = "dados",
+    *,
+    sandboxed: bool = False,
+    threads: int | None = None,
+    memory_limit_mb: int | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view ``<layer>.<table>`` over every lakehouse table.
 
     The views pin each table's current Delta version; call again to see newer data.
-    ``sandboxed`` forbids file and network access outside the tables and locks the
-    configuration, for running SQL from untrusted users.
+    ``sandboxed`` is for SQL from untrusted users: DuckDB may then open exactly the
+    active data files of the tables (not files a newer version removed, not the
+    Delta log, not anything else on disk or the network), may not spill to disk,
+    and its configuration is locked.
     """
-    data_dir = Path(data_dir)
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone = 'UTC'")
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
-    register_views(con, snapshot_tables(data_dir))
+    if memory_limit_mb is not None:
+        con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
+    snapshots = snapshot_tables(Path(data_dir))
+    register_views(con, snapshots)
     if sandboxed:
-        allowed = ", ".join(_literal(d) for d in table_directories(data_dir))
-        con.execute(f"SET allowed_directories = [{allowed}]")
+        active = ", ".join(
+            _literal(_local_path(uri)) for snap in snapshots for uri in snap.file_uris
+        )
+        con.execute(f"SET allowed_paths = [{active}]")
+        con.execute("SET temp_directory = ''")
         con.execute("SET enable_external_access = false")
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")

@@ -42,8 +42,7 @@ class QueryRequest(BaseModel):
 async def query(body: QueryRequest, context: ApiContext = Depends(get_context)) -> Response:
     """Run ``sql`` over the ``<layer>.<table>`` views and return the rows as JSON objects."""
     settings = context.settings
-    max_rows = min(body.max_rows or settings.query_max_rows, settings.query_max_rows)
-    limits = QueryLimits(timeout_s=settings.query_timeout_s, max_rows=max_rows)
+    limits = QueryLimits.from_settings(settings, body.max_rows)
     try:
         table = await run_in_threadpool(run_query, settings.data_dir, body.sql, limits)
     except QueryTimeout as exc:

@@ -205,7 +205,7 @@ def sql(
     from analytics.query import QueryError, QueryLimits, run_query
 
     settings, _ = _load()
-    limits = QueryLimits(timeout_s=settings.query_timeout_s, max_rows=settings.query_max_rows)
+    limits = QueryLimits.from_settings(settings)
     try:
         result = run_query(settings.data_dir, query, limits)
     except QueryError as exc:

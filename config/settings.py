@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     )
     query_timeout_s: float = Field(30.0, gt=0, le=3600)
     query_max_rows: int = Field(100_000, ge=1)
+    query_memory_limit_mb: int = Field(1024, ge=64, description="DuckDB memory per query.")
+    query_threads: int = Field(2, ge=1, le=256, description="DuckDB threads per query.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     crash_at: str | None = Field(
         None,

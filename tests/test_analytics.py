@@ -102,3 +102,28 @@ def test_row_and_time_limits(lake: Path) -> None:
     slow = "SELECT count(*) FROM range(100000000) a, range(100000) b WHERE a.range + b.range = -1"
     with pytest.raises(QueryTimeout, match=r"time limit of 0\.5 s"):
         run_query(lake, slow, QueryLimits(timeout_s=0.5, max_rows=10))
+
+
+def test_sandbox_sees_only_active_files_not_old_versions_or_the_log(lake: Path) -> None:
+    write_deltalake(str(lake / "gold" / "plain"), pl.DataFrame({"day": ["o"], "v": [0]}).to_arrow(),
+                    mode="overwrite", schema_mode="overwrite")  # fmt: skip
+    table_dir = lake / "gold" / "plain"
+    removed = [p for p in table_dir.glob("*.parquet")]
+    assert len(removed) > 1  # old files are still on disk until vacuum
+    for sql in (
+        f"SELECT * FROM read_parquet('{table_dir}/*.parquet')",
+        f"SELECT * FROM read_text('{table_dir}/_delta_log/00000000000000000000.json')",
+        f"SELECT * FROM glob('{table_dir}/*')",
+    ):
+        with pytest.raises(QueryFailed, match="Permission"):
+            run_query(lake, sql, LIMITS)
+    assert run_query(lake, "SELECT count(*) AS n FROM gold.plain", LIMITS).to_pylist() == [
+        {"n": 1}
+    ]
+
+
+def test_sandbox_memory_limit_is_enforced(lake: Path) -> None:
+    limits = QueryLimits(timeout_s=30, max_rows=10, memory_limit_mb=64, threads=1)
+    greedy = "SELECT list(range) FROM range(50000000)"
+    with pytest.raises(QueryFailed, match="(?i)memory"):
+        run_query(lake, greedy, limits)
