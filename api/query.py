@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import polars as pl
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -14,6 +13,7 @@ from analytics.query import (
     QueryTimeout,
     run_query,
 )
+from analytics.results import columns_json, rows_json
 from api.auth import scoped
 from api.context import ApiContext, get_context
 from api.errors import ApiError
@@ -49,11 +49,8 @@ async def query(body: QueryRequest, context: ApiContext = Depends(get_context)) 
         raise ApiError(504, "query_timeout", str(exc)) from None
     except QueryError as exc:
         raise ApiError(400, "query_error", str(exc)) from None
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    columns = pl.DataFrame(
-        {"name": frame.columns, "type": [str(t) for t in frame.dtypes]}
-    ).write_json()
-    # Polars serialises rows (dates as ISO-8601) much faster than per-row Python.
-    payload = f'{{"columns":{columns},"rows":{frame.write_json()},"row_count":{frame.height}}}'
+    payload = (
+        f'{{"columns":{columns_json(table)},"rows":{rows_json(table)},'
+        f'"row_count":{table.num_rows}}}'
+    )
     return Response(payload, media_type="application/json")

@@ -8,7 +8,6 @@ import threading
 from enum import StrEnum
 from typing import Annotated, NoReturn
 
-import polars as pl
 import structlog
 import typer
 from rich.console import Console
@@ -203,6 +202,7 @@ def sql(
 ) -> None:
     """Run read-only SQL over the lakehouse tables (e.g. gold.readings_hourly)."""
     from analytics.query import QueryError, QueryLimits, run_query
+    from analytics.results import rows_json, to_frame
 
     settings, _ = _load()
     limits = QueryLimits.from_settings(settings)
@@ -210,12 +210,12 @@ def sql(
         result = run_query(settings.data_dir, query, limits)
     except QueryError as exc:
         _fail(str(exc), code=1)
-    frame = pl.from_arrow(result)
-    assert isinstance(frame, pl.DataFrame)
+    if output is OutputFormat.json:
+        sys.stdout.write(rows_json(result) + "\n")
+        return
+    frame = to_frame(result)
     if output is OutputFormat.csv:
         sys.stdout.write(frame.write_csv())
-    elif output is OutputFormat.json:
-        sys.stdout.write(frame.write_json() + "\n")
     else:
         table = Table(*frame.columns, show_lines=False)
         for row in frame.iter_rows():

@@ -117,13 +117,38 @@ def test_sandbox_sees_only_active_files_not_old_versions_or_the_log(lake: Path) 
     ):
         with pytest.raises(QueryFailed, match="Permission"):
             run_query(lake, sql, LIMITS)
-    assert run_query(lake, "SELECT count(*) AS n FROM gold.plain", LIMITS).to_pylist() == [
-        {"n": 1}
-    ]
+    assert run_query(lake, "SELECT count(*) AS n FROM gold.plain", LIMITS).to_pylist() == [{"n": 1}]
 
 
 def test_sandbox_memory_limit_is_enforced(lake: Path) -> None:
     limits = QueryLimits(timeout_s=30, max_rows=10, memory_limit_mb=64, threads=1)
     greedy = "SELECT list(range) FROM range(50000000)"
-    with pytest.raises(QueryFailed, match="(?i)memory"):
+    with pytest.raises(QueryFailed, match=r"(?i)memory"):
         run_query(lake, greedy, limits)
+
+
+def test_every_result_serialises_to_json(lake: Path) -> None:
+    import json
+
+    from analytics.results import columns_json, rows_json
+
+    table = run_query(
+        lake,
+        "SELECT 1 AS a, 2 AS a, INTERVAL 1 DAY AS i, 'x'::BLOB AS b, 1.50::DECIMAL(5,2) AS d, "
+        "TIMESTAMPTZ '2026-11-20 10:00:00+00' AS t",
+        LIMITS,
+    )
+    rows = json.loads(rows_json(table))
+    assert rows == [
+        {
+            "a": 1,
+            "a_1": 2,
+            "i": "P0M1DT0S",
+            "b": "eA==",
+            "d": "1.50",
+            "t": "2026-11-20T10:00:00+00:00",
+        }
+    ]
+    assert [c["name"] for c in json.loads(columns_json(table))] == ["a", "a_1", "i", "b", "d", "t"]
+    plain = run_query(lake, "SELECT day, v FROM gold.plain ORDER BY v LIMIT 1", LIMITS)
+    assert json.loads(rows_json(plain)) == [{"day": "a", "v": 1}]
