@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import health, ingest, query
+from api.body_limit import BodyLimitMiddleware
 from api.context import ApiContext
 from api.errors import install_error_handlers
 from api.tokens import TokenStore
@@ -28,6 +29,7 @@ def create_app(settings: Settings, contracts: ContractRegistry | None = None) ->
         tokens=TokenStore(settings.tokens_file),
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, ingest_max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(query.router)

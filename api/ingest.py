@@ -39,25 +39,6 @@ class IngestAccepted(BaseModel):
     records: int
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw request body, refusing (413) to buffer more than ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-
-
 def _decoded_body(body: bytes, content_encoding: str, limit: int) -> bytes:
     encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
@@ -117,7 +98,7 @@ async def ingest(
     limit = context.settings.max_body_bytes
     try:
         fmt = format_for_content_type(request.headers.get("content-type"))
-        body = await read_body(request, limit)
+        body = await request.body()  # size capped by BodyLimitMiddleware
         body = _decoded_body(body, request.headers.get("content-encoding", ""), limit)
         frame = await run_in_threadpool(decode_batch, body, fmt)
     except UnsupportedFormat as exc:

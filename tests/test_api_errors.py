@@ -560,3 +560,24 @@ def test_health_ready_docs_and_openapi(live_api: LiveServer) -> None:
         assert_error(missing, 404, "http_404")
     # The readiness probe cleans up after itself.
     assert [p.name for p in (live_api.data_dir / "landing").iterdir()] == []
+
+
+def test_oversized_bodies_are_refused_before_authentication(live_api: LiveServer) -> None:
+    """Without a token, a large body must not be buffered: 413 (or 401) comes first."""
+    with live_api.client() as client:
+        response = client.post(
+            "/v1/query",
+            content=b'{"sql": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+
+        def chunks():
+            for _ in range(40):
+                yield b"y" * 65536
+
+        streamed = client.post(
+            "/v1/query", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert streamed.status_code == 413
