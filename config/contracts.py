@@ -22,7 +22,8 @@ SOURCE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 FIELD_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 BUILTIN_CONTRACTS_DIR = Path(__file__).parent / "sources"
 
-FieldType = Literal["string", "int", "float", "bool", "timestamp"]
+FieldType = Literal["string", "int", "float", "bool", "timestamp", "date", "decimal", "json"]
+SEQUENCE_TYPES = frozenset({"int", "float", "timestamp", "date", "decimal", "string"})
 
 
 class ContractError(ValueError):
@@ -51,11 +52,28 @@ class _Strict(BaseModel):
 
 
 class FieldSpec(_Strict):
-    """One typed column of the silver table."""
+    """One typed column of the silver table.
+
+    ``decimal`` fields need ``precision`` (1-38) and take ``scale`` (default 0);
+    values are rounded to the scale (half to even). ``json`` fields hold JSON text.
+    """
 
     name: str = Field(pattern=FIELD_NAME_RE.pattern)
     type: FieldType
     required: bool = False
+    precision: int | None = Field(None, ge=1, le=38)
+    scale: int | None = Field(None, ge=0, le=38)
+
+    @model_validator(mode="after")
+    def _decimal_shape(self) -> FieldSpec:
+        if self.type == "decimal":
+            if self.precision is None:
+                raise ValueError(f"decimal field {self.name!r} needs a precision (1-38)")
+            if (self.scale or 0) > self.precision:
+                raise ValueError(f"decimal field {self.name!r}: scale exceeds precision")
+        elif self.precision is not None or self.scale is not None:
+            raise ValueError(f"field {self.name!r}: precision/scale apply to decimals only")
+        return self
 
 
 class WindowGold(_Strict):
@@ -94,6 +112,10 @@ class SourceContract(_Strict):
     fields: list[FieldSpec] = Field(min_length=1)
     keys: list[str] = Field(min_length=1)
     event_time: str
+    sequence: str | None = Field(
+        None,
+        description="Field deciding which version of a key wins (greatest; ties: latest arrival).",
+    )
     gold: list[GoldSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -109,6 +131,14 @@ class SourceContract(_Strict):
         required = set(self.required_fields)
         if self.event_time not in required:
             raise ValueError(f"event_time {self.event_time!r} must be required (or a key)")
+        if self.sequence is not None:
+            if types.get(self.sequence) not in SEQUENCE_TYPES:
+                raise ValueError(
+                    f"sequence {self.sequence!r} must be a declared field of type "
+                    f"{', '.join(sorted(SEQUENCE_TYPES))}"
+                )
+            if self.sequence not in required:
+                raise ValueError(f"sequence {self.sequence!r} must be required")
         names = [g.name for g in self.gold]
         if len(set(names)) != len(names):
             raise ValueError("gold table names must be unique")
@@ -122,7 +152,7 @@ class SourceContract(_Strict):
                     raise ValueError(
                         f"gold {spec.name!r} groups by {column!r}, which must be required"
                     )
-            if types[spec.value] not in ("int", "float"):
+            if types[spec.value] not in ("int", "float", "decimal"):
                 raise ValueError(f"gold {spec.name!r} value {spec.value!r} must be numeric")
         return self
 
@@ -130,6 +160,11 @@ class SourceContract(_Strict):
     def field_types(self) -> dict[str, FieldType]:
         """Field name to declared type, in declaration order."""
         return {f.name: f.type for f in self.fields}
+
+    @property
+    def field_specs(self) -> dict[str, FieldSpec]:
+        """Field name to its full declaration."""
+        return {f.name: f for f in self.fields}
 
     @property
     def required_fields(self) -> list[str]:

@@ -7,9 +7,12 @@ turned into null.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import polars as pl
 
-from config.contracts import FieldType, SourceContract
+from config.contracts import FieldSpec, FieldType, SourceContract
 
 SILVER_TIME = pl.Datetime("us", "UTC")
 REASON_COLUMN = "_reason"
@@ -20,7 +23,23 @@ SILVER_DTYPES: dict[FieldType, pl.DataType] = {
     "float": pl.Float64(),
     "bool": pl.Boolean(),
     "timestamp": SILVER_TIME,
+    "date": pl.Date(),
+    "json": pl.String(),
 }
+
+
+def silver_dtype(spec: FieldSpec) -> pl.DataType:
+    """The Polars (and so Delta) type a contract field is stored as in silver."""
+    if spec.type == "decimal":
+        assert spec.precision is not None  # enforced by the contract model
+        return pl.Decimal(spec.precision, spec.scale or 0)
+    return SILVER_DTYPES[spec.type]
+
+
+def contract_dtypes(contract: SourceContract) -> dict[str, pl.DataType]:
+    """Every contract field with its silver type, in declaration order."""
+    return {spec.name: silver_dtype(spec) for spec in contract.fields}
+
 
 # Accepted spellings of timestamps, tried in order. Offsets are converted to UTC;
 # values without an offset are taken as UTC.
@@ -83,21 +102,55 @@ def parse_bool(raw: pl.Expr) -> pl.Expr:
     )
 
 
-_PARSERS = {
+def parse_date(raw: pl.Expr) -> pl.Expr:
+    """``YYYY-MM-DD``, or the UTC date of any accepted timestamp."""
+    text = raw.str.strip_chars()
+    return pl.coalesce([text.str.to_date("%Y-%m-%d", strict=False), parse_timestamp(raw).dt.date()])
+
+
+def parse_decimal(raw: pl.Expr, precision: int, scale: int) -> pl.Expr:
+    """Decimal numbers rounded to ``scale``; too many integer digits do not parse."""
+    return raw.str.strip_chars().cast(pl.Decimal(precision, scale), strict=False)
+
+
+def _as_json_text(text: str) -> str:
+    # Bronze keeps JSON strings unquoted: text that is not JSON is a JSON string.
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def parse_json(raw: pl.Expr) -> pl.Expr:
+    """Canonical JSON text of a value (objects, arrays, scalars)."""
+    return raw.map_elements(_as_json_text, return_dtype=pl.String, skip_nulls=True)
+
+
+_PARSERS: dict[FieldType, Callable[[pl.Expr], pl.Expr]] = {
     "string": lambda raw: raw,
     "int": parse_int,
     "float": parse_float,
     "bool": parse_bool,
     "timestamp": parse_timestamp,
+    "date": parse_date,
+    "json": parse_json,
 }
+
+
+def _parse(spec: FieldSpec, raw: pl.Expr) -> pl.Expr:
+    if spec.type == "decimal":
+        assert spec.precision is not None
+        return parse_decimal(raw, spec.precision, spec.scale or 0)
+    return _PARSERS[spec.type](raw)
 
 
 def typed_columns(contract: SourceContract, columns: list[str]) -> list[pl.Expr]:
     """One expression per contract field: the field converted to its declared type."""
     exprs = []
-    for name, ftype in contract.field_types.items():
-        raw = pl.col(name) if name in columns else pl.lit(None, dtype=pl.String)
-        exprs.append(_PARSERS[ftype](raw).cast(SILVER_DTYPES[ftype]).alias(name))
+    for spec in contract.fields:
+        raw = pl.col(spec.name) if spec.name in columns else pl.lit(None, dtype=pl.String)
+        exprs.append(_parse(spec, raw).cast(silver_dtype(spec)).alias(spec.name))
     return exprs
 
 

@@ -19,7 +19,7 @@ import structlog
 from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import GoldSpec, LatestGold, SourceContract, WindowGold, parse_duration
-from delta_processing.coercions import SILVER_DTYPES, SILVER_TIME
+from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
     TableStore,
@@ -52,8 +52,9 @@ class GoldResult:
 
 def window_schema(spec: WindowGold, contract: SourceContract) -> pl.Schema:
     """Columns of a window table: group keys, ``window_start``, then the aggregates."""
-    value_type = SILVER_DTYPES[contract.field_types[spec.value]]
-    groups = {g: SILVER_DTYPES[contract.field_types[g]] for g in spec.group_by}
+    dtypes = contract_dtypes(contract)
+    value_type = dtypes[spec.value]
+    groups = {g: dtypes[g] for g in spec.group_by}
     return pl.Schema(
         {
             **groups,
@@ -69,12 +70,12 @@ def window_schema(spec: WindowGold, contract: SourceContract) -> pl.Schema:
 
 def latest_schema(spec: LatestGold, contract: SourceContract) -> pl.Schema:
     """Columns of a latest-value table: group keys, event time, value."""
-    types = contract.field_types
+    dtypes = contract_dtypes(contract)
     return pl.Schema(
         {
-            **{g: SILVER_DTYPES[types[g]] for g in spec.group_by},
+            **{g: dtypes[g] for g in spec.group_by},
             contract.event_time: SILVER_TIME,
-            spec.value: SILVER_DTYPES[types[spec.value]],
+            spec.value: dtypes[spec.value],
         }
     )
 

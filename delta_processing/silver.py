@@ -20,7 +20,7 @@ import structlog
 from deltalake import DeltaTable
 
 from config.contracts import SourceContract
-from delta_processing.coercions import SILVER_DTYPES, apply_contract
+from delta_processing.coercions import apply_contract, contract_dtypes
 from delta_processing.column_names import CHANGE_FEED_COLUMNS
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
@@ -41,8 +41,9 @@ SILVER_LINEAGE: dict[str, pl.DataType] = {
     "_source": pl.String(),
     "_batch_id": pl.String(),
     "_ingested_at": pl.Datetime("us", "UTC"),
+    "_arrival": pl.Int64(),
 }
-# Arrival order of bronze rows: later wins when the same key arrives twice.
+# Arrival order of bronze rows: among equal sequence values, the later arrival wins.
 ARRIVAL_ORDER = ["_commit_version", "_landing_file", "_row"]
 
 log = structlog.get_logger(__name__)
@@ -61,13 +62,37 @@ class SilverResult:
 
 def silver_schema(contract: SourceContract) -> pl.Schema:
     """Columns of ``silver/<source>``: the contract's typed fields, then lineage."""
-    fields = {name: SILVER_DTYPES[ftype] for name, ftype in contract.field_types.items()}
-    return pl.Schema({**fields, **SILVER_LINEAGE})
+    return pl.Schema({**contract_dtypes(contract), **SILVER_LINEAGE})
 
 
-def latest_per_key(typed: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Keep the last-arrived row of every key (deterministic: arrival order is total)."""
-    return typed.sort(ARRIVAL_ORDER).unique(subset=keys, keep="last", maintain_order=True)
+def with_arrival(rows: pl.DataFrame) -> pl.DataFrame:
+    """Add ``_arrival``: a total, monotonic order of bronze rows (commit, file, row)."""
+    ordered = rows.sort(ARRIVAL_ORDER)
+    rank = pl.int_range(pl.len(), dtype=pl.Int64).over("_commit_version")
+    return ordered.with_columns(
+        ((pl.col("_commit_version").cast(pl.Int64) * 2**32) + rank).alias("_arrival")
+    )
+
+
+def winner_order(contract: SourceContract) -> list[str]:
+    """Columns that rank versions of one key: the sequence (if any), then arrival."""
+    return [contract.sequence, "_arrival"] if contract.sequence else ["_arrival"]
+
+
+def latest_per_key(typed: pl.DataFrame, contract: SourceContract) -> pl.DataFrame:
+    """Keep the winning row of every key (greatest sequence; ties: latest arrival)."""
+    return typed.sort(winner_order(contract)).unique(
+        subset=contract.keys, keep="last", maintain_order=True
+    )
+
+
+def replaces_predicate(contract: SourceContract) -> str:
+    """MERGE condition under which the source row ``s`` replaces the stored ``t``."""
+    later = 's."_arrival" > t."_arrival"'
+    if contract.sequence is None:
+        return later
+    seq = contract.sequence
+    return f'(s."{seq}" > t."{seq}") OR (s."{seq}" = t."{seq}" AND {later})'
 
 
 class SilverPromoter:
@@ -96,7 +121,7 @@ class SilverPromoter:
         changes = read_changes(bronze, start, bronze_version).filter(
             pl.col("_change_type") == "insert"
         )
-        typed, rejected = apply_contract(changes, contract)
+        typed, rejected = apply_contract(with_arrival(changes), contract)
         quarantined = upserted = 0
         if quarantine_done <= bronze_version:
             fresh = rejected.filter(pl.col("_commit_version") >= quarantine_done)
@@ -104,11 +129,11 @@ class SilverPromoter:
             self._write_quarantine(source, fresh, bronze_version)
         if silver_done <= bronze_version:
             fresh = typed.filter(pl.col("_commit_version") >= silver_done)
-            rows = latest_per_key(fresh, contract.keys).select(
+            rows = latest_per_key(fresh, contract).select(
                 [pl.col(n).cast(t) for n, t in schema.items()]
             )
             upserted = rows.height
-            self._merge_silver(silver, rows, contract.keys, bronze_version)
+            self._merge_silver(silver, rows, contract, bronze_version)
         result = SilverResult(source, bronze_version, changes.height, upserted, quarantined)
         log.info("silver.promoted", **result.__dict__)
         return result
@@ -127,7 +152,11 @@ class SilverPromoter:
         self._crash.reached("after_quarantine_commit")
 
     def _merge_silver(
-        self, silver: DeltaTable, rows: pl.DataFrame, keys: list[str], bronze_version: int
+        self,
+        silver: DeltaTable,
+        rows: pl.DataFrame,
+        contract: SourceContract,
+        bronze_version: int,
     ) -> None:
         marker = commit_marker(SILVER_APP_ID, bronze_version)
         if rows.is_empty():
@@ -136,12 +165,12 @@ class SilverPromoter:
             (
                 silver.merge(
                     to_arrow(rows),
-                    predicate=key_predicate(keys),
+                    predicate=key_predicate(contract.keys),
                     source_alias="s",
                     target_alias="t",
                     commit_properties=marker,
                 )
-                .when_matched_update_all()
+                .when_matched_update_all(predicate=replaces_predicate(contract))
                 .when_not_matched_insert_all()
                 .execute()
             )
