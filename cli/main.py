@@ -59,10 +59,22 @@ def _load(**overrides: object) -> tuple[Settings, ContractRegistry]:
     try:
         settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
         contracts = load_contracts(settings.contracts_dir)
+        check_contracts(contracts)
     except (SettingsError, ContractError) as exc:
         _fail(str(exc))
     _configure_logging(settings.log_level)
     return settings, contracts
+
+
+def check_contracts(contracts: ContractRegistry) -> None:
+    """Raise ContractError if an expectation of any contract cannot run on its typed rows."""
+    import polars as pl
+
+    from delta_processing.coercions import contract_dtypes
+    from delta_processing.expectations import check_expectations
+
+    for contract in contracts.values():
+        check_expectations(contract, pl.Schema(contract_dtypes(contract)))
 
 
 def _ensure_admin_token(settings: Settings) -> None:

@@ -103,6 +103,71 @@ class LatestGold(_Strict):
 
 GoldSpec = Annotated[WindowGold | LatestGold, Field(discriminator="kind")]
 
+ExpectationKind = Literal["not_null", "range", "regex", "allowed", "unique", "predicate"]
+ExpectationAction = Literal["warn", "drop", "quarantine", "fail"]
+
+
+class Expectation(_Strict):
+    """A data-quality rule on typed silver rows, and what to do with rows that break it.
+
+    ``warn`` keeps and counts them, ``drop`` removes and counts them, ``quarantine``
+    sends them to ``quarantine/<source>`` with the expectation's name, ``fail``
+    rejects the whole batch (nothing is committed; it is retried until the contract
+    or the data is fixed). Nulls pass every kind but ``not_null``.
+    """
+
+    name: str = Field(pattern=FIELD_NAME_RE.pattern)
+    kind: ExpectationKind
+    action: ExpectationAction = "quarantine"
+    column: str | None = None
+    min: float | None = None
+    max: float | None = None
+    pattern: str | None = None
+    values: list[str | int | float | bool] | None = None
+    predicate: str | None = Field(
+        None, description="Polars SQL expression over the typed fields, true when the row passes."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> Expectation:
+        needs = {
+            "not_null": ("column",),
+            "range": ("column",),
+            "regex": ("column", "pattern"),
+            "allowed": ("column", "values"),
+            "unique": ("column",),
+            "predicate": ("predicate",),
+        }[self.kind]
+        for attribute in needs:
+            if getattr(self, attribute) is None:
+                raise ValueError(f"expectation {self.name!r} ({self.kind}) needs {attribute!r}")
+        if self.kind == "range" and self.min is None and self.max is None:
+            raise ValueError(f"range expectation {self.name!r} needs min and/or max")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"expectation {self.name!r}: invalid regex: {exc}") from None
+        return self
+
+    def describe(self) -> str:
+        """A readable statement of the rule, used in quarantine reasons."""
+        match self.kind:
+            case "not_null":
+                return f"{self.column} is not null"
+            case "range":
+                low = "-inf" if self.min is None else f"{self.min:g}"
+                high = "inf" if self.max is None else f"{self.max:g}"
+                return f"{self.column} in [{low}, {high}]"
+            case "regex":
+                return f"{self.column} matches /{self.pattern}/"
+            case "allowed":
+                return f"{self.column} in {self.values}"
+            case "unique":
+                return f"{self.column} unique within the batch"
+            case _:
+                return str(self.predicate)
+
 
 class SourceContract(_Strict):
     """The declared shape of one source, applied when bronze rows are promoted to silver."""
@@ -117,6 +182,7 @@ class SourceContract(_Strict):
         description="Field deciding which version of a key wins (greatest; ties: latest arrival).",
     )
     gold: list[GoldSpec] = Field(default_factory=list)
+    expectations: list[Expectation] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceContract:
@@ -139,6 +205,14 @@ class SourceContract(_Strict):
                 )
             if self.sequence not in required:
                 raise ValueError(f"sequence {self.sequence!r} must be required")
+        exp_names = [e.name for e in self.expectations]
+        if len(set(exp_names)) != len(exp_names):
+            raise ValueError("expectation names must be unique")
+        for expectation in self.expectations:
+            if expectation.column is not None and expectation.column not in types:
+                raise ValueError(
+                    f"expectation {expectation.name!r} uses undeclared field {expectation.column!r}"
+                )
         names = [g.name for g in self.gold]
         if len(set(names)) != len(names):
             raise ValueError("gold table names must be unique")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import polars as pl
 
 from config.contracts import FieldSpec, FieldType, SourceContract
+from delta_processing.column_names import PLATFORM_COLUMNS
 
 SILVER_TIME = pl.Datetime("us", "UTC")
 REASON_COLUMN = "_reason"
@@ -188,18 +189,24 @@ def apply_contract(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split raw bronze rows into ``(typed, rejected)``.
 
-    ``typed`` has the contract's columns with their declared types plus the row's
-    lineage; ``rejected`` keeps every raw column plus ``_reason``.
+    ``typed`` has the contract's columns with their declared types, the platform
+    columns (lineage, change feed, ``_arrival``) and ``_raw``, a struct of the raw
+    record (for expectations that quarantine the row later). ``rejected`` keeps
+    every raw column plus ``_reason``.
     """
     columns = bronze_rows.columns
+    platform = [c for c in columns if c.lower() in PLATFORM_COLUMNS]
+    raw_fields = [c for c in columns if c not in platform]
     typed_exprs = [e.name.suffix("__typed") for e in typed_columns(contract, columns)]
     checked = bronze_rows.with_columns(typed_exprs).with_columns(
         violation_reasons(contract, columns)
     )
     ok = pl.col(REASON_COLUMN).is_null()
     rejected = checked.filter(~ok).select([*columns, REASON_COLUMN])
+    raw = [pl.struct(raw_fields).alias("_raw")] if raw_fields else []
     typed = checked.filter(ok).select(
         [pl.col(f"{name}__typed").alias(name) for name in contract.field_types]
-        + [c for c in columns if c.startswith("_")]
+        + [pl.col(c) for c in platform]
+        + raw
     )
     return typed, rejected

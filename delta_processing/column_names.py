@@ -13,10 +13,14 @@ import re
 LINEAGE_COLUMNS = ("_source", "_landing_file", "_batch_id", "_row", "_ingested_at")
 CHANGE_FEED_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 QUARANTINE_COLUMNS = ("_reason", "_bronze_version", "_quarantined_at")
-RESERVED_COLUMNS = frozenset(
-    name.lower()
-    for name in (*LINEAGE_COLUMNS, *CHANGE_FEED_COLUMNS, *QUARANTINE_COLUMNS, "_rescued_data")
+# Computed in silver: the arrival order of a row, and its raw fields as one struct.
+SILVER_WORK_COLUMNS = ("_arrival", "_raw")
+PLATFORM_COLUMNS = frozenset(
+    name.lower() for name in (*LINEAGE_COLUMNS, *CHANGE_FEED_COLUMNS, *SILVER_WORK_COLUMNS)
 )
+RESERVED_COLUMNS = PLATFORM_COLUMNS | {
+    name.lower() for name in (*QUARANTINE_COLUMNS, "_rescued_data")
+}
 MAX_NAME_LENGTH = 255
 
 # Characters Delta forbids in names without column mapping, plus control characters.

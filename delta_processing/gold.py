@@ -27,11 +27,9 @@ from delta_processing.tables import (
     commit_marker,
     consumed_version,
     ensure_table,
-    key_predicate,
+    merge,
     read_changes,
     read_snapshot,
-    sync_latest_commit,
-    to_arrow,
 )
 
 GOLD_APP_ID = "lakehouse/gold<-silver"
@@ -240,17 +238,14 @@ def _apply_upserts(
     gold: DeltaTable, upserts: pl.DataFrame, keys: list[str], marker: CommitProperties
 ) -> None:
     updates = {name: f's."{name}"' for name in upserts.columns if name != PRESENT}
-    (
-        gold.merge(
-            to_arrow(upserts),
-            predicate=key_predicate(keys),
-            source_alias="s",
-            target_alias="t",
-            commit_properties=marker,
-        )
-        .when_matched_update(updates=updates, predicate=f's."{PRESENT}"')
-        .when_matched_delete(predicate=f'NOT s."{PRESENT}"')
-        .when_not_matched_insert(updates=updates, predicate=f's."{PRESENT}"')
-        .execute()
+    merge(
+        gold,
+        upserts,
+        keys,
+        lambda m: (
+            m.when_matched_update(updates=updates, predicate=f's."{PRESENT}"')
+            .when_matched_delete(predicate=f'NOT s."{PRESENT}"')
+            .when_not_matched_insert(updates=updates, predicate=f's."{PRESENT}"')
+        ),
+        marker,
     )
-    sync_latest_commit(gold)

@@ -23,16 +23,22 @@ from config.contracts import SourceContract
 from delta_processing.coercions import apply_contract, contract_dtypes
 from delta_processing.column_names import CHANGE_FEED_COLUMNS
 from delta_processing.crashpoints import CrashPoints
+from delta_processing.expectations import ExpectationOutcome, evaluate
+from delta_processing.quality import (
+    QUALITY_LAYER,
+    QUALITY_TABLE,
+    BatchQuality,
+    quality_app_id,
+    quality_row,
+)
 from delta_processing.tables import (
     TableStore,
     append,
     commit_marker,
     consumed_version,
     ensure_table,
-    key_predicate,
+    merge,
     read_changes,
-    sync_latest_commit,
-    to_arrow,
 )
 
 SILVER_APP_ID = "lakehouse/silver<-bronze"
@@ -103,46 +109,90 @@ class SilverPromoter:
         self._crash = crash_points
 
     def promote(self, contract: SourceContract) -> SilverResult | None:
-        """Consume all bronze versions not yet in silver/quarantine; ``None`` if up to date."""
+        """Consume the bronze versions not yet in silver, quarantine and quality.
+
+        Returns ``None`` when everything is up to date. Raises
+        :class:`~delta_processing.expectations.ExpectationFailed` (nothing committed)
+        when a ``fail`` expectation is broken.
+        """
         source = contract.name
         bronze = self._store.open("bronze", source)
         if bronze is None:
             return None
-        bronze_version = bronze.version()
         schema = silver_schema(contract)
         silver = ensure_table(self._store, "silver", source, schema, cdf=True)
-        quarantine = self._store.open("quarantine", source)
-        silver_done = _next_version(consumed_version(silver, SILVER_APP_ID))
-        quarantine_done = _next_version(consumed_version(quarantine, QUARANTINE_APP_ID))
-        start = min(silver_done, quarantine_done)
-        if start > bronze_version:
+        consumed = {
+            "quality": consumed_version(
+                self._store.open(QUALITY_LAYER, QUALITY_TABLE), quality_app_id(source)
+            ),
+            "quarantine": consumed_version(
+                self._store.open("quarantine", source), QUARANTINE_APP_ID
+            ),
+            "silver": consumed_version(silver, SILVER_APP_ID),
+        }
+        start, end = batch_bounds(consumed, bronze.version())
+        if start > end:
             return None
-
-        changes = read_changes(bronze, start, bronze_version).filter(
-            pl.col("_change_type") == "insert"
-        )
+        changes = read_changes(bronze, start, end).filter(pl.col("_change_type") == "insert")
         typed, rejected = apply_contract(with_arrival(changes), contract)
-        quarantined = upserted = 0
-        if quarantine_done <= bronze_version:
-            fresh = rejected.filter(pl.col("_commit_version") >= quarantine_done)
-            quarantined = fresh.height
-            self._write_quarantine(source, fresh, bronze_version)
-        if silver_done <= bronze_version:
-            fresh = typed.filter(pl.col("_commit_version") >= silver_done)
-            rows = latest_per_key(fresh, contract).select(
-                [pl.col(n).cast(t) for n, t in schema.items()]
-            )
+        outcome = evaluate(typed, contract)  # raises before any commit on `fail`
+
+        def fresh(frame: pl.DataFrame, sink: str) -> pl.DataFrame:
+            return frame.filter(pl.col("_commit_version") >= _next_version(consumed[sink]))
+
+        to_quarantine = pl.concat(
+            [rejected, _unpack_raw(outcome.quarantined)], how="diagonal_relaxed"
+        )
+        passed = latest_per_key(outcome.kept, contract)
+        if _next_version(consumed["quality"]) <= end:
+            self._write_quality(contract, end, fresh(changes, "quality"), rejected, outcome,
+                                consumed["quality"])  # fmt: skip
+        if _next_version(consumed["quarantine"]) <= end:
+            self._write_quarantine(source, fresh(to_quarantine, "quarantine"), end)
+        upserted = 0
+        if _next_version(consumed["silver"]) <= end:
+            rows = fresh(passed, "silver").select([pl.col(n).cast(t) for n, t in schema.items()])
             upserted = rows.height
-            self._merge_silver(silver, rows, contract, bronze_version)
-        result = SilverResult(source, bronze_version, changes.height, upserted, quarantined)
+            self._merge_silver(silver, rows, contract, end)
+        result = SilverResult(source, end, changes.height, upserted, to_quarantine.height)
         log.info("silver.promoted", **result.__dict__)
         return result
+
+    def _write_quality(
+        self,
+        contract: SourceContract,
+        end: int,
+        changes: pl.DataFrame,
+        rejected: pl.DataFrame,
+        outcome: ExpectationOutcome,
+        consumed: int | None,
+    ) -> None:
+        since = _next_version(consumed)
+
+        def count(frame: pl.DataFrame) -> int:
+            return frame.filter(pl.col("_commit_version") >= since).height
+
+        failed, warned, dropped = outcome.counts(since)
+        quality = BatchQuality(
+            rows_in=count(changes),
+            rows_passed=count(outcome.kept),
+            rows_warned=warned,
+            rows_dropped=dropped,
+            rows_quarantined=count(rejected) + count(outcome.quarantined),
+            contract_failures=count(rejected),
+            expectation_failures=failed,
+        )
+        append(
+            self._store.uri(QUALITY_LAYER, QUALITY_TABLE),
+            quality_row(contract, end, quality),
+            commit_marker(quality_app_id(contract.name), end),
+        )
 
     def _write_quarantine(self, source: str, rejected: pl.DataFrame, bronze_version: int) -> None:
         rows = rejected.with_columns(
             pl.col("_commit_version").cast(pl.Int64).alias("_bronze_version"),
             pl.lit(datetime.now(UTC)).dt.cast_time_unit("us").alias("_quarantined_at"),
-        ).drop(CHANGE_FEED_COLUMNS)
+        ).drop([*CHANGE_FEED_COLUMNS, "_arrival"], strict=False)
         append(
             self._store.uri("quarantine", source),
             rows,
@@ -162,20 +212,39 @@ class SilverPromoter:
         if rows.is_empty():
             append(silver, rows, marker)
         else:
-            (
-                silver.merge(
-                    to_arrow(rows),
-                    predicate=key_predicate(contract.keys),
-                    source_alias="s",
-                    target_alias="t",
-                    commit_properties=marker,
-                )
-                .when_matched_update_all(predicate=replaces_predicate(contract))
-                .when_not_matched_insert_all()
-                .execute()
+            merge(
+                silver,
+                rows,
+                contract.keys,
+                lambda m: m.when_matched_update_all(
+                    predicate=replaces_predicate(contract)
+                ).when_not_matched_insert_all(),
+                marker,
             )
-            sync_latest_commit(silver)
         self._crash.reached("after_silver_commit")
+
+
+def batch_bounds(consumed: dict[str, int | None], bronze_version: int) -> tuple[int, int]:
+    """The bronze versions ``(start, end)`` the next batch covers, for every sink.
+
+    Sinks (quality, quarantine, silver) commit one after another, so a crash can
+    leave some a batch behind. That batch is then redone exactly as it was, ending
+    at the version the leading sink recorded, so batch-level rules (uniqueness
+    within the batch) judge the same rows for every sink.
+    """
+    start = min(_next_version(v) for v in consumed.values())
+    recorded = [v for v in consumed.values() if v is not None]
+    behind = recorded and any(v is None or v < max(recorded) for v in consumed.values())
+    end = max(recorded) if behind else bronze_version
+    return start, end
+
+
+def _unpack_raw(rows: pl.DataFrame) -> pl.DataFrame:
+    """Rows that failed an expectation, back in their raw form for the quarantine."""
+    keep = [c for c in rows.columns if c.startswith("_") and c != "_raw"]
+    if "_raw" not in rows.columns:
+        return rows.select(keep)
+    return rows.select([*keep, "_raw"]).unnest("_raw")
 
 
 def _next_version(consumed: int | None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,11 +21,12 @@ import polars as pl
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
+from deltalake.table import TableMerger
 
 from landing_zone.layout import fsync_directory
 
-Layer = Literal["bronze", "silver", "gold", "quarantine"]
-LAYERS: tuple[Layer, ...] = ("bronze", "silver", "gold", "quarantine")
+Layer = Literal["bronze", "silver", "gold", "quarantine", "_meta"]
+LAYERS: tuple[Layer, ...] = ("bronze", "silver", "gold", "quarantine", "_meta")
 
 # Stage tables are read by change data feed downstream.
 CDF_CONFIGURATION = {"delta.enableChangeDataFeed": "true"}
@@ -156,6 +158,34 @@ def append(
         commit_properties=marker,
     )
     sync_latest_commit(target)
+
+
+def merge(
+    table: DeltaTable,
+    source: pl.DataFrame,
+    keys: list[str],
+    build: Callable[[TableMerger], TableMerger],
+    marker: CommitProperties,
+) -> None:
+    """MERGE ``source`` into ``table`` on ``keys`` and record ``marker`` in the commit.
+
+    ``build`` adds the when-clauses. A MERGE that changes nothing writes no commit,
+    so the marker would be lost and the same input consumed again forever; the
+    marker then goes in an empty append instead.
+    """
+    before = table.version()
+    merger = table.merge(
+        to_arrow(source),
+        predicate=key_predicate(keys),
+        source_alias="s",
+        target_alias="t",
+        commit_properties=marker,
+    )
+    build(merger).execute()
+    if table.version() == before:
+        append(table, source.clear(), marker)
+    else:
+        sync_latest_commit(table)
 
 
 def key_predicate(keys: list[str]) -> str:

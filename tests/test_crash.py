@@ -171,6 +171,15 @@ def test_kills_at_every_stage_lose_and_duplicate_nothing(data_dir: Path, tmp_pat
     quarantine = pl.read_delta(str(data_dir / "quarantine" / "readings"))
     assert quarantine.height == feeder.rejected
 
+    # Quality metrics: one row per batch, exactly once, adding up to bronze.
+    quality = pl.read_delta(str(data_dir / "_meta" / "quality")).filter(
+        pl.col("source") == "readings"
+    )
+    assert quality["bronze_version"].is_unique().all()
+    assert quality["rows_in"].sum() == bronze.height
+    assert quality["rows_quarantined"].sum() == feeder.rejected
+    assert quality["rows_passed"].sum() == len(feeder.acked)
+
     # Gold equals a full recomputation from silver.
     for name, reference in reference_gold(silver).items():
         gold = pl.read_delta(str(data_dir / "gold" / name))
