@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 tokens_app = typer.Typer(help="Manage API bearer tokens.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+sources_app = typer.Typer(help="Source contracts: list them, or validate every contract file.")
+app.add_typer(sources_app, name="sources")
 
 err = Console(stderr=True)
 out = Console()
@@ -251,6 +253,97 @@ def tables() -> None:
             str(len(snap.file_uris)),
             str(rows),
             str(len(snap.schema)),
+        )
+    out.print(table)
+
+
+@sources_app.callback(invoke_without_command=True)
+def sources_list(ctx: typer.Context) -> None:
+    """List every source with its contract (fields, keys, sequence, expectations, gold)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _, contracts = _load()
+    table = Table("source", "fields", "keys", "event time", "sequence", "expectations", "gold")
+    for contract in contracts.values():
+        fields = ", ".join(
+            f"{f.name}:{f.type}{'' if f.name in contract.required_fields else '?'}"
+            for f in contract.fields
+        )
+        expectations = ", ".join(f"{e.name} ({e.action})" for e in contract.expectations)
+        table.add_row(
+            contract.name,
+            fields,
+            ", ".join(contract.keys),
+            contract.event_time,
+            contract.sequence or "",
+            expectations,
+            ", ".join(g.name for g in contract.gold),
+        )
+    out.print(table)
+
+
+@sources_app.command("validate")
+def sources_validate() -> None:
+    """Check every contract file; print each problem as <file>:<line>: <problem>."""
+    from config.contracts import contract_files, load_contract_file, validate_contract_files
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
+    if settings.contracts_dir is not None and not settings.contracts_dir.is_dir():
+        _fail(f"{settings.contracts_dir}: contracts directory does not exist")
+    files = contract_files(settings.contracts_dir)
+    problems = validate_contract_files(files)
+    for path in files:  # rules that need the typed schema (SQL predicates)
+        try:
+            contract = load_contract_file(path)
+        except ContractError:
+            continue  # already reported above
+        try:
+            check_contracts(ContractRegistry({contract.name: contract}))
+        except ContractError as exc:
+            problems.append(f"{path}: {exc}")
+    for problem in problems:
+        err.print(problem, highlight=False, soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    out.print(f"{len(files)} contract file(s) valid")
+
+
+@app.command()
+def quality(
+    source: Annotated[str | None, typer.Argument(help="Only this source.")] = None,
+    last: Annotated[int, typer.Option(help="How many recent batches.")] = 20,
+) -> None:
+    """Show per-batch data-quality metrics (rows in, passed, warned, dropped, quarantined)."""
+    from delta_processing.quality import read_quality
+
+    settings, _ = _load()
+    frame = read_quality(settings.data_dir, source, last)
+    table = Table(
+        "source", "bronze v", "evaluated at", "in", "passed", "warned", "dropped",
+        "quarantined", "failed expectations",
+    )  # fmt: skip
+    for row in frame.iter_rows(named=True):
+        failures = ", ".join(
+            f"{e['name']}={e['failed']}" for e in row["expectations"] if e["failed"]
+        )
+        table.add_row(
+            row["source"],
+            str(row["bronze_version"]),
+            row["evaluated_at"].isoformat(timespec="seconds"),
+            *(
+                str(row[k])
+                for k in (
+                    "rows_in",
+                    "rows_passed",
+                    "rows_warned",
+                    "rows_dropped",
+                    "rows_quarantined",
+                )
+            ),
+            failures,
         )
     out.print(table)
 

@@ -247,24 +247,98 @@ class SourceContract(_Strict):
 
 
 def load_contract_file(path: Path) -> SourceContract:
-    """Read and validate one contract file; errors name the file and the field."""
+    """Read and validate one contract file.
+
+    Raises :class:`ContractError` with one ``<file>:<line>: <problem>`` line per problem.
+    """
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ContractError(f"{path}: cannot read contract: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ContractError(f"{path}: invalid TOML: {exc}") from None
+        found = re.search(r"at line (\d+)", str(exc))
+        line = found.group(1) if found else text.count("\n") + 1  # "at end of document"
+        where = f"{path}:{line}"
+        raise ContractError(f"{where}: invalid TOML: {exc}") from None
     try:
         contract = SourceContract.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<file>'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ContractError(f"{path}: {problems}") from None
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            line = locate(text, loc, message)
+            where = f"{path}:{line}" if line else str(path)
+            field = ".".join(str(p) for p in loc)
+            problems.append(f"{where}: {field + ': ' if field else ''}{message}")
+        raise ContractError("\n".join(problems)) from None
     if contract.name != path.stem:
-        raise ContractError(f"{path}: contract name {contract.name!r} must match the file name")
+        line = locate(text, ("name",), "")
+        raise ContractError(
+            f"{path}:{line}: contract name {contract.name!r} must match the file name"
+        )
     return contract
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z_]+)\s*\]\]?\s*(#.*)?$")
+_QUOTED = re.compile(r"'([^']+)'")
+
+
+def locate(text: str, loc: tuple[str | int, ...], message: str) -> int | None:
+    """Best line number (1-based) in a contract's TOML text for a validation error.
+
+    ``loc`` is pydantic's error location (``("fields", 2, "type")``); errors of the
+    whole contract carry no location, so the first quoted name in the message
+    (``key column 'nope' ...``) is looked up instead.
+    """
+    lines = text.splitlines()
+
+    def key_line(start: int, end: int, key: str) -> int | None:
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for number in range(start, end):
+            if pattern.match(lines[number]):
+                return number + 1
+        return None
+
+    headers = [(n, m.group(1)) for n, line in enumerate(lines) if (m := _HEADER.match(line))]
+    if len(loc) >= 2 and isinstance(loc[0], str) and isinstance(loc[1], int):
+        starts = [n for n, name in headers if name == loc[0]]
+        if loc[1] < len(starts):
+            start = starts[loc[1]]
+            end = next((n for n, _ in headers if n > start), len(lines))
+            found = key_line(start + 1, end, str(loc[2])) if len(loc) > 2 else None
+            return found or start + 1
+    if len(loc) == 1 and isinstance(loc[0], str):
+        top_end = headers[0][0] if headers else len(lines)
+        return key_line(0, top_end, loc[0])
+    quoted = _QUOTED.search(message)
+    if quoted:
+        needle = re.compile(rf"[\"']{re.escape(quoted.group(1))}[\"']")
+        for number, line in enumerate(lines, start=1):
+            if needle.search(line):
+                return number
+    return None
+
+
+def validate_contract_files(paths: list[Path]) -> list[str]:
+    """Every problem of every contract file, one ``<file>:<line>: <problem>`` line each."""
+    problems: list[str] = []
+    for path in paths:
+        try:
+            load_contract_file(path)
+        except ContractError as exc:
+            problems.extend(str(exc).splitlines())
+    return problems
+
+
+def contract_files(extra_dir: Path | None) -> list[Path]:
+    """The built-in contract files, then those of ``extra_dir``."""
+    files = sorted(BUILTIN_CONTRACTS_DIR.glob("*.toml"))
+    if extra_dir is not None and extra_dir.is_dir():
+        files += sorted(extra_dir.glob("*.toml"))
+    return files
 
 
 @dataclass(frozen=True)
@@ -285,14 +359,10 @@ class ContractRegistry(Mapping[str, SourceContract]):
 
 def load_contracts(extra_dir: Path | None = None) -> ContractRegistry:
     """Load the built-in contracts, then those in ``extra_dir`` (same name replaces built-in)."""
+    if extra_dir is not None and not extra_dir.is_dir():
+        raise ContractError(f"{extra_dir}: contracts directory does not exist")
     contracts: dict[str, SourceContract] = {}
-    directories = [BUILTIN_CONTRACTS_DIR]
-    if extra_dir is not None:
-        if not extra_dir.is_dir():
-            raise ContractError(f"{extra_dir}: contracts directory does not exist")
-        directories.append(extra_dir)
-    for directory in directories:
-        for path in sorted(directory.glob("*.toml")):
-            contract = load_contract_file(path)
-            contracts[contract.name] = contract
+    for path in contract_files(extra_dir):
+        contract = load_contract_file(path)
+        contracts[contract.name] = contract
     return ContractRegistry(contracts)

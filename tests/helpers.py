@@ -43,6 +43,7 @@ def wait_until(probe: Callable[[], T | None], timeout: float = 30.0, every: floa
 def lakehouse_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
     env.update({"LAKEHOUSE_DATA_DIR": str(data_dir), "LAKEHOUSE_LOG_LEVEL": "WARNING"})
+    env["COLUMNS"] = "250"  # rich tables: no truncation in captured output
     env.update(extra)
     return env
 

@@ -161,3 +161,44 @@ def test_dotenv_in_the_working_directory_is_read(
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
     assert (settings.query_max_rows, settings.log_level) == (123, "DEBUG")
+
+
+def test_sources_validate_reports_every_problem_with_file_and_line(tmp_path: Path) -> None:
+    contracts = tmp_path / "contracts"
+    contracts.mkdir()
+    (contracts / "bad.toml").write_text(
+        'name = "bad"\nkeys = ["ts"]\nevent_time = "ts"\n\n'
+        '[[fields]]\nname = "ts"\ntype = "timestamp"\n\n'
+        '[[fields]]\nname = "v"\ntype = "uuid"\n\n'
+        '[[expectations]]\nname = "r"\nkind = "range"\ncolumn = "ts"\n'
+    )
+    (contracts / "broken.toml").write_text('name = "broken"\nkeys = [\n')
+    (contracts / "sql.toml").write_text(
+        'name = "sql"\nkeys = ["ts"]\nevent_time = "ts"\n'
+        '[[fields]]\nname = "ts"\ntype = "timestamp"\n'
+        '[[expectations]]\nname = "p"\nkind = "predicate"\npredicate = "missing > 1"\n'
+    )
+    result = _cli(tmp_path, "sources", "validate", LAKEHOUSE_CONTRACTS_DIR=str(contracts))
+    assert result.returncode == 1
+    errors = result.stderr
+    assert f"{contracts / 'bad.toml'}:11: fields.1.type: Input should be" in errors
+    assert f"{contracts / 'bad.toml'}:13: expectations.0: range expectation 'r' needs" in errors
+    assert f"{contracts / 'broken.toml'}:3: invalid TOML" in errors
+    assert "expectation 'p' cannot run" in errors
+
+    good = _cli(tmp_path, "sources", "validate")
+    assert good.returncode == 0 and "1 contract file(s) valid" in good.stdout
+    listing = _cli(tmp_path, "sources")
+    assert "readings" in listing.stdout and "readings_hourly" in listing.stdout
+
+
+def test_quality_command_shows_batches(tmp_path: Path) -> None:
+    landing = tmp_path / "landing" / "readings"
+    landing.mkdir(parents=True)
+    (landing / "a.csv").write_text(
+        "ts,device_id,sensor,value\n2026-11-20T10:00:00Z,d,t,1\nx,d,t,2\n"
+    )
+    assert _cli(tmp_path, "process", "--once").returncode == 0
+    result = _cli(tmp_path, "quality", "readings")
+    assert result.returncode == 0, result.stderr
+    assert "readings" in result.stdout and "_contract=1" in result.stdout.replace("\n", "")
