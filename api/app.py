@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import health, ingest, query
+from api import health, ingest, quality, query, sources
 from api.body_limit import BodyLimitMiddleware
 from api.context import ApiContext
 from api.errors import install_error_handlers
@@ -33,4 +33,6 @@ def create_app(settings: Settings, contracts: ContractRegistry | None = None) ->
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(query.router)
+    app.include_router(sources.router)
+    app.include_router(quality.router)
     return app

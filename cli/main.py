@@ -317,7 +317,7 @@ def quality(
     last: Annotated[int, typer.Option(help="How many recent batches.")] = 20,
 ) -> None:
     """Show per-batch data-quality metrics (rows in, passed, warned, dropped, quarantined)."""
-    from delta_processing.quality import read_quality
+    from analytics.quality import read_quality
 
     settings, _ = _load()
     frame = read_quality(settings.data_dir, source, last)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import polars as pl
 
 from config.contracts import SourceContract
-from delta_processing.tables import Layer, TableStore
+from delta_processing.tables import Layer
 
 QUALITY_LAYER: Layer = "_meta"
 QUALITY_TABLE = "quality"
@@ -83,14 +82,3 @@ def quality_row(
         ],
         schema=QUALITY_SCHEMA,
     )
-
-
-def read_quality(data_dir: Path, source: str | None = None, last: int = 20) -> pl.DataFrame:
-    """The most recent quality rows (newest first), optionally of one source."""
-    table = TableStore(data_dir).open(QUALITY_LAYER, QUALITY_TABLE)
-    if table is None:
-        return pl.DataFrame(schema=QUALITY_SCHEMA)
-    rows = pl.scan_delta(table)
-    if source is not None:
-        rows = rows.filter(pl.col("source") == source)
-    return rows.sort("evaluated_at", descending=True).head(last).collect()

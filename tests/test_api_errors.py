@@ -581,3 +581,33 @@ def test_oversized_bodies_are_refused_before_authentication(live_api: LiveServer
             "/v1/query", content=chunks(), headers={"Content-Type": "application/json"}
         )
         assert streamed.status_code == 413
+
+
+def test_sources_and_quality_endpoints(live_api: LiveServer, tokens: Tokens) -> None:
+    from config.settings import load_settings
+    from delta_processing.processor import Processor
+
+    with live_api.client(tokens.ingest_readings) as ingest:
+        body = b'{"ts":"2026-11-20T10:00:00Z","device_id":"d","sensor":"s","value":1}\n{"ts":"x"}'
+        sent = ingest.post(
+            "/v1/ingest/readings", content=body, headers={"Content-Type": "application/x-ndjson"}
+        )
+        assert sent.status_code == 202
+        assert ingest.get("/v1/sources").status_code == 403
+    from config.contracts import load_contracts
+
+    Processor(load_settings(data_dir=live_api.data_dir), load_contracts()).run_once()
+    with live_api.client(tokens.query) as client:
+        sources = client.get("/v1/sources").json()
+        assert [s["name"] for s in sources] == ["readings"]
+        assert sources[0]["keys"] == ["device_id", "sensor", "ts"]
+        assert client.get("/v1/sources/readings").json()["event_time"] == "ts"
+        assert client.get("/v1/sources/nope").json()["error"]["code"] == "unknown_source"
+        rows = client.get("/v1/quality", params={"source": "readings"}).json()
+        assert len(rows) == 1
+        assert (rows[0]["rows_in"], rows[0]["rows_passed"], rows[0]["rows_quarantined"]) == (
+            2,
+            1,
+            1,
+        )
+        assert client.get("/v1/quality", params={"last": 0}).status_code == 422

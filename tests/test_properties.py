@@ -68,7 +68,12 @@ class Record:
         return START + timedelta(minutes=self.minute)
 
     def as_json(self) -> dict[str, object]:
-        return {"ts": self.ts, "device_id": self.device_id, "sensor": self.sensor, "value": self.value}
+        return {
+            "ts": self.ts,
+            "device_id": self.device_id,
+            "sensor": self.sensor,
+            "value": self.value,
+        }
 
 
 # A step is one or more landing batches written before one ``run_once()``.
@@ -180,7 +185,9 @@ def _expected_quarantine(arrived: list[Record]) -> Counter[QuarantineRow]:
     for record in arrived:
         if record.valid:
             continue
-        bad = {name for name, ok in (("ts", record.ts_valid), ("value", record.value_valid)) if not ok}
+        bad = {
+            name for name, ok in (("ts", record.ts_valid), ("value", record.value_valid)) if not ok
+        }
         key = (record.ts, record.device_id, record.sensor, _canonical_value(record.value))
         rows[(*key, frozenset(bad))] += 1
     return rows
