@@ -25,6 +25,10 @@ tokens_app = typer.Typer(help="Manage API bearer tokens.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 sources_app = typer.Typer(help="Source contracts: list them, or validate every contract file.")
 app.add_typer(sources_app, name="sources")
+replay_app = typer.Typer(
+    help="Send set-aside rows back through the pipeline.", no_args_is_help=True
+)
+app.add_typer(replay_app, name="replay")
 
 err = Console(stderr=True)
 out = Console()
@@ -346,6 +350,25 @@ def quality(
             failures,
         )
     out.print(table)
+
+
+@replay_app.command("quarantine")
+def replay_quarantine_command(
+    source: Annotated[str, typer.Argument(help="Source whose quarantined rows to replay.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count the rows.")] = False,
+) -> None:
+    """Replay quarantined rows of a source (after fixing its contract), exactly once."""
+    from delta_processing.replay import replay_quarantine
+
+    settings, contracts = _load()
+    if source not in contracts:
+        _fail(f"unknown source {source!r}")
+    result = replay_quarantine(settings.data_dir, source, dry_run=dry_run)
+    verb = "would replay" if dry_run else "replayed"
+    out.print(
+        f"{verb} {result.rows} row(s) of {source}"
+        + (f" as landing batch {result.batch_id}" if result.batch_id and result.rows else "")
+    )
 
 
 @tokens_app.command("create")

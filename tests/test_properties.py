@@ -269,7 +269,6 @@ def _delta_tables(data_dir: Path) -> dict[str, tuple[int, pl.DataFrame]]:
     max_examples=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
-    database=None,  # no .hypothesis/ directory in the repository
 )
 @given(history=_history())
 def test_silver_gold_and_quarantine_follow_the_arrivals(history: list[Step]) -> None:
@@ -295,7 +294,6 @@ def test_silver_gold_and_quarantine_follow_the_arrivals(history: list[Step]) -> 
     max_examples=8,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
-    database=None,
 )
 @given(history=_history(max_steps=2, max_batches=2, max_rows=8))
 def test_rerun_without_new_data_changes_no_table(history: list[Step]) -> None:
