@@ -103,6 +103,7 @@ class LatestGold(_Strict):
 
 GoldSpec = Annotated[WindowGold | LatestGold, Field(discriminator="kind")]
 
+EvolutionMode = Literal["add", "rescue", "fail", "freeze"]
 ExpectationKind = Literal["not_null", "range", "regex", "allowed", "unique", "predicate"]
 ExpectationAction = Literal["warn", "drop", "quarantine", "fail"]
 
@@ -180,6 +181,11 @@ class SourceContract(_Strict):
     sequence: str | None = Field(
         None,
         description="Field deciding which version of a key wins (greatest; ties: latest arrival).",
+    )
+    evolution: EvolutionMode = Field(
+        "rescue",
+        description="Undeclared fields: add as columns, rescue into _rescued_data, fail the "
+        "batch into quarantine, or freeze (drop and count).",
     )
     gold: list[GoldSpec] = Field(default_factory=list)
     expectations: list[Expectation] = Field(default_factory=list)

@@ -20,6 +20,7 @@ from delta_processing.tables import Layer
 QUALITY_LAYER: Layer = "_meta"
 QUALITY_TABLE = "quality"
 CONTRACT_CHECK = "_contract"
+EVOLUTION_CHECK = "_evolution"  # "failed" counts rows carrying undeclared fields
 
 EXPECTATION_RESULT = pl.Struct({"name": pl.String, "action": pl.String, "failed": pl.Int64})
 QUALITY_SCHEMA = pl.Schema(
@@ -53,6 +54,8 @@ class BatchQuality:
     rows_quarantined: int
     contract_failures: int
     expectation_failures: dict[str, int]
+    evolution_mode: str = "rescue"
+    evolution_rows: int = 0  # rows that carried fields the contract does not declare
 
 
 def quality_row(
@@ -60,7 +63,12 @@ def quality_row(
 ) -> pl.DataFrame:
     """The ``_meta/quality`` row of one batch (pure)."""
     results = [
-        {"name": CONTRACT_CHECK, "action": "quarantine", "failed": quality.contract_failures}
+        {"name": CONTRACT_CHECK, "action": "quarantine", "failed": quality.contract_failures},
+        {
+            "name": EVOLUTION_CHECK,
+            "action": quality.evolution_mode,
+            "failed": quality.evolution_rows,
+        },
     ]
     results += [
         {"name": e.name, "action": e.action, "failed": quality.expectation_failures.get(e.name, 0)}

@@ -23,7 +23,8 @@ from config.contracts import SourceContract
 from delta_processing.coercions import apply_contract, contract_dtypes
 from delta_processing.column_names import CHANGE_FEED_COLUMNS
 from delta_processing.crashpoints import CrashPoints
-from delta_processing.expectations import ExpectationOutcome, evaluate
+from delta_processing.evolution import RESCUED_COLUMN, apply_evolution
+from delta_processing.expectations import evaluate
 from delta_processing.quality import (
     QUALITY_LAYER,
     QUALITY_TABLE,
@@ -31,6 +32,7 @@ from delta_processing.quality import (
     quality_app_id,
     quality_row,
 )
+from delta_processing.schema_changes import reconcile_columns
 from delta_processing.tables import (
     TableStore,
     append,
@@ -39,6 +41,7 @@ from delta_processing.tables import (
     ensure_table,
     merge,
     read_changes,
+    table_columns,
 )
 
 SILVER_APP_ID = "lakehouse/silver<-bronze"
@@ -68,7 +71,8 @@ class SilverResult:
 
 def silver_schema(contract: SourceContract) -> pl.Schema:
     """Columns of ``silver/<source>``: the contract's typed fields, then lineage."""
-    return pl.Schema({**contract_dtypes(contract), **SILVER_LINEAGE})
+    rescued = {RESCUED_COLUMN: pl.String()} if contract.evolution == "rescue" else {}
+    return pl.Schema({**contract_dtypes(contract), **rescued, **SILVER_LINEAGE})
 
 
 def with_arrival(rows: pl.DataFrame) -> pl.DataFrame:
@@ -121,6 +125,7 @@ class SilverPromoter:
             return None
         schema = silver_schema(contract)
         silver = ensure_table(self._store, "silver", source, schema, cdf=True)
+        silver = reconcile_columns(silver, schema, f"silver/{source}")
         consumed = {
             "quality": consumed_version(
                 self._store.open(QUALITY_LAYER, QUALITY_TABLE), quality_app_id(source)
@@ -135,53 +140,48 @@ class SilverPromoter:
             return None
         changes = read_changes(bronze, start, end).filter(pl.col("_change_type") == "insert")
         typed, rejected = apply_contract(with_arrival(changes), contract)
-        outcome = evaluate(typed, contract)  # raises before any commit on `fail`
+        evolved = apply_evolution(typed, contract)
+        outcome = evaluate(evolved.rows, contract)  # raises before any commit on `fail`
 
         def fresh(frame: pl.DataFrame, sink: str) -> pl.DataFrame:
             return frame.filter(pl.col("_commit_version") >= _next_version(consumed[sink]))
 
         to_quarantine = pl.concat(
-            [rejected, _unpack_raw(outcome.quarantined)], how="diagonal_relaxed"
+            [rejected, _unpack_raw(evolved.rejected), _unpack_raw(outcome.quarantined)],
+            how="diagonal_relaxed",
         )
         passed = latest_per_key(outcome.kept, contract)
         if _next_version(consumed["quality"]) <= end:
-            self._write_quality(contract, end, fresh(changes, "quality"), rejected, outcome,
-                                consumed["quality"])  # fmt: skip
+            since = _next_version(consumed["quality"])
+            failed, warned, dropped = outcome.counts(since)
+            quality = BatchQuality(
+                rows_in=fresh(changes, "quality").height,
+                rows_passed=fresh(outcome.kept, "quality").height,
+                rows_warned=warned,
+                rows_dropped=dropped,
+                rows_quarantined=fresh(to_quarantine, "quality").height,
+                contract_failures=fresh(rejected, "quality").height,
+                expectation_failures=failed,
+                evolution_mode=contract.evolution,
+                evolution_rows=evolved.affected_since(since),
+            )
+            self._write_quality(contract, end, quality)
         if _next_version(consumed["quarantine"]) <= end:
             self._write_quarantine(source, fresh(to_quarantine, "quarantine"), end)
         upserted = 0
         if _next_version(consumed["silver"]) <= end:
-            rows = fresh(passed, "silver").select([pl.col(n).cast(t) for n, t in schema.items()])
+            rows = fresh(passed, "silver")
+            rows = rows.select(
+                [pl.col(n).cast(t) for n, t in schema.items()]
+                + [pl.col(c) for c in evolved.added_columns if c not in schema]
+            )
             upserted = rows.height
             self._merge_silver(silver, rows, contract, end)
         result = SilverResult(source, end, changes.height, upserted, to_quarantine.height)
         log.info("silver.promoted", **result.__dict__)
         return result
 
-    def _write_quality(
-        self,
-        contract: SourceContract,
-        end: int,
-        changes: pl.DataFrame,
-        rejected: pl.DataFrame,
-        outcome: ExpectationOutcome,
-        consumed: int | None,
-    ) -> None:
-        since = _next_version(consumed)
-
-        def count(frame: pl.DataFrame) -> int:
-            return frame.filter(pl.col("_commit_version") >= since).height
-
-        failed, warned, dropped = outcome.counts(since)
-        quality = BatchQuality(
-            rows_in=count(changes),
-            rows_passed=count(outcome.kept),
-            rows_warned=warned,
-            rows_dropped=dropped,
-            rows_quarantined=count(rejected) + count(outcome.quarantined),
-            contract_failures=count(rejected),
-            expectation_failures=failed,
-        )
+    def _write_quality(self, contract: SourceContract, end: int, quality: BatchQuality) -> None:
         append(
             self._store.uri(QUALITY_LAYER, QUALITY_TABLE),
             quality_row(contract, end, quality),
@@ -209,8 +209,12 @@ class SilverPromoter:
         bronze_version: int,
     ) -> None:
         marker = commit_marker(SILVER_APP_ID, bronze_version)
+        evolve = contract.evolution == "add"
+        if evolve:  # columns added by earlier batches but absent from this one
+            missing = [c for c in table_columns(silver) if c not in rows.columns]
+            rows = rows.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in missing)
         if rows.is_empty():
-            append(silver, rows, marker)
+            append(silver, rows, marker, evolve_schema=evolve)
         else:
             merge(
                 silver,
@@ -220,6 +224,7 @@ class SilverPromoter:
                     predicate=replaces_predicate(contract)
                 ).when_not_matched_insert_all(),
                 marker,
+                evolve_schema=evolve,
             )
         self._crash.reached("after_silver_commit")
 

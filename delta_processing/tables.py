@@ -166,6 +166,8 @@ def merge(
     keys: list[str],
     build: Callable[[TableMerger], TableMerger],
     marker: CommitProperties,
+    *,
+    evolve_schema: bool = False,
 ) -> None:
     """MERGE ``source`` into ``table`` on ``keys`` and record ``marker`` in the commit.
 
@@ -179,11 +181,12 @@ def merge(
         predicate=key_predicate(keys),
         source_alias="s",
         target_alias="t",
+        merge_schema=evolve_schema,
         commit_properties=marker,
     )
     build(merger).execute()
     if table.version() == before:
-        append(table, source.clear(), marker)
+        append(table, source.clear(), marker, evolve_schema=evolve_schema)
     else:
         sync_latest_commit(table)
 

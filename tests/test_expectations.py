@@ -153,6 +153,7 @@ def test_each_action_keeps_drops_quarantines_and_counts(settings: Settings, tmp_
     failed = {e["name"]: (e["action"], e["failed"]) for e in quality["expectations"]}
     assert failed == {
         "_contract": ("quarantine", 1),
+        "_evolution": ("rescue", 0),
         "temp_plausible": ("quarantine", 1),
         "known_site": ("drop", 1),
         "serial_format": ("warn", 1),
