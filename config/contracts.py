@@ -76,14 +76,59 @@ class FieldSpec(_Strict):
         return self
 
 
+AGGREGATES = ("count", "min", "max", "avg", "sum", "first", "last", "stddev")
+_PERCENTILE = re.compile(r"^p(\d{1,2})$")
+DEFAULT_AGGREGATES = ("count", "min", "max", "avg", "sum")
+
+
 class WindowGold(_Strict):
-    """Time-window aggregates (count, min, max, avg, sum) of one value per group."""
+    """Time-window aggregates of one value per group.
+
+    ``aggregates`` from count, min, max, avg, sum, first, last (by event time),
+    stddev (sample) and percentiles ``p1``..``p99``; each becomes a column of that name.
+    """
 
     name: str = Field(pattern=SOURCE_NAME_RE.pattern)
     kind: Literal["window"]
     every: str
     group_by: list[str] = Field(min_length=1)
     value: str
+    aggregates: list[str] = Field(default_factory=lambda: list(DEFAULT_AGGREGATES), min_length=1)
+
+    @field_validator("every")
+    @classmethod
+    def _valid_every(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("aggregates")
+    @classmethod
+    def _valid_aggregates(cls, values: list[str]) -> list[str]:
+        for value in values:
+            match = _PERCENTILE.fullmatch(value)
+            if value not in AGGREGATES and not (match and 0 < int(match.group(1)) < 100):
+                raise ValueError(
+                    f"unknown aggregate {value!r}: use {', '.join(AGGREGATES)} or p1..p99"
+                )
+        if len(set(values)) != len(values):
+            raise ValueError("aggregates must be unique")
+        return values
+
+
+class SqlGold(_Strict):
+    """A gold table defined by a DuckDB SQL query over the source's silver rows.
+
+    The query reads the table ``silver`` and must output ``window_column``: the
+    start of the ``every``-long event-time window each row belongs to (e.g.
+    ``date_trunc('day', ts) AS day`` with ``every = "1d"``). Only the windows
+    touched by changed silver rows are recomputed and replaced.
+    """
+
+    name: str = Field(pattern=SOURCE_NAME_RE.pattern)
+    kind: Literal["sql"]
+    query: str = Field(min_length=1)
+    window_column: str = Field(pattern=FIELD_NAME_RE.pattern)
+    every: str
 
     @field_validator("every")
     @classmethod
@@ -101,7 +146,7 @@ class LatestGold(_Strict):
     value: str
 
 
-GoldSpec = Annotated[WindowGold | LatestGold, Field(discriminator="kind")]
+GoldSpec = Annotated[WindowGold | LatestGold | SqlGold, Field(discriminator="kind")]
 
 EvolutionMode = Literal["add", "rescue", "fail", "freeze"]
 ExpectationKind = Literal["not_null", "range", "regex", "allowed", "unique", "predicate"]
@@ -223,6 +268,8 @@ class SourceContract(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("gold table names must be unique")
         for spec in self.gold:
+            if isinstance(spec, SqlGold):
+                continue  # checked when the query first runs
             for column in [*spec.group_by, spec.value]:
                 if column not in types:
                     raise ValueError(f"gold {spec.name!r} uses undeclared field {column!r}")

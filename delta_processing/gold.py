@@ -14,11 +14,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import duckdb
 import polars as pl
 import structlog
-from deltalake import CommitProperties, DeltaTable
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
-from config.contracts import GoldSpec, LatestGold, SourceContract, WindowGold, parse_duration
+from config.contracts import (
+    GoldSpec,
+    LatestGold,
+    SourceContract,
+    SqlGold,
+    WindowGold,
+    parse_duration,
+)
 from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
@@ -30,6 +38,8 @@ from delta_processing.tables import (
     merge,
     read_changes,
     read_snapshot,
+    sync_latest_commit,
+    to_arrow,
 )
 
 GOLD_APP_ID = "lakehouse/gold<-silver"
@@ -49,21 +59,36 @@ class GoldResult:
 
 
 def window_schema(spec: WindowGold, contract: SourceContract) -> pl.Schema:
-    """Columns of a window table: group keys, ``window_start``, then the aggregates."""
+    """Columns of a window table: group keys, ``window_start``, then one per aggregate."""
     dtypes = contract_dtypes(contract)
     value_type = dtypes[spec.value]
-    groups = {g: dtypes[g] for g in spec.group_by}
-    return pl.Schema(
-        {
-            **groups,
-            "window_start": SILVER_TIME,
-            "count": pl.Int64(),
-            "min": value_type,
-            "max": value_type,
-            "avg": pl.Float64(),
-            "sum": value_type,
-        }
-    )
+    columns: dict[str, pl.DataType] = {g: dtypes[g] for g in spec.group_by}
+    columns["window_start"] = SILVER_TIME
+    for aggregate in spec.aggregates:
+        if aggregate == "count":
+            columns[aggregate] = pl.Int64()
+        elif aggregate in ("min", "max", "sum", "first", "last"):
+            columns[aggregate] = value_type
+        else:  # avg, stddev, percentiles
+            columns[aggregate] = pl.Float64()
+    return pl.Schema(columns)
+
+
+def _aggregate(name: str, value: pl.Expr, order: list[str]) -> pl.Expr:
+    if name == "count":
+        return pl.len()
+    if name in ("first", "last"):
+        ordered = value.sort_by(order)  # by event time, ties by key: deterministic
+        return ordered.first() if name == "first" else ordered.last()
+    if name.startswith("p") and name[1:].isdigit():
+        return value.quantile(int(name[1:]) / 100, interpolation="linear")
+    return {
+        "min": value.min(),
+        "max": value.max(),
+        "avg": value.mean(),
+        "sum": value.sum(),
+        "stddev": value.std(),
+    }[name]
 
 
 def latest_schema(spec: LatestGold, contract: SourceContract) -> pl.Schema:
@@ -79,21 +104,17 @@ def latest_schema(spec: LatestGold, contract: SourceContract) -> pl.Schema:
 
 
 def window_aggregates(
-    rows: pl.DataFrame, spec: WindowGold, event_time: str, schema: pl.Schema
+    rows: pl.DataFrame, spec: WindowGold, contract: SourceContract, schema: pl.Schema
 ) -> pl.DataFrame:
     """Full aggregation of silver rows into windows (pure; the reference for gold)."""
+    event_time = contract.event_time
+    order = [event_time, *[k for k in contract.keys if k != event_time]]
     value = pl.col(spec.value)
     return (
         rows.group_by(
             [*spec.group_by, pl.col(event_time).dt.truncate(spec.every).alias("window_start")]
         )
-        .agg(
-            pl.len().alias("count"),
-            value.min().alias("min"),
-            value.max().alias("max"),
-            value.mean().alias("avg"),
-            value.sum().alias("sum"),
-        )
+        .agg(_aggregate(name, value, order).alias(name) for name in spec.aggregates)
         .select([pl.col(n).cast(t) for n, t in schema.items()])
         .sort([*spec.group_by, "window_start"])
     )
@@ -112,11 +133,36 @@ def latest_values(
     )
 
 
+def run_gold_sql(rows: pl.DataFrame, spec: SqlGold) -> pl.DataFrame:
+    """Run a SQL gold query over silver ``rows`` (the table ``silver``) with DuckDB."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.register("silver", rows.to_arrow())
+        try:
+            result: pl.DataFrame = con.sql(spec.query).pl()
+        except duckdb.Error as exc:
+            raise GoldDefinitionError(f"gold {spec.name!r}: query failed: {exc}") from None
+    finally:
+        con.close()
+    if spec.window_column not in result.columns:
+        raise GoldDefinitionError(
+            f"gold {spec.name!r}: the query must output the window column {spec.window_column!r}"
+        )
+    return result.with_columns(pl.col(spec.window_column).cast(SILVER_TIME))
+
+
 def gold_frame(rows: pl.DataFrame, spec: GoldSpec, contract: SourceContract) -> pl.DataFrame:
     """Compute one gold table from scratch out of silver rows."""
     if isinstance(spec, WindowGold):
-        return window_aggregates(rows, spec, contract.event_time, window_schema(spec, contract))
+        return window_aggregates(rows, spec, contract, window_schema(spec, contract))
+    if isinstance(spec, SqlGold):
+        return run_gold_sql(rows, spec)
     return latest_values(rows, spec, contract.event_time, latest_schema(spec, contract))
+
+
+class GoldDefinitionError(RuntimeError):
+    """A declared gold table cannot be computed as declared (bad query or window)."""
 
 
 class GoldRefresher:
@@ -142,6 +188,8 @@ class GoldRefresher:
         self, contract: SourceContract, spec: GoldSpec, silver: DeltaTable
     ) -> GoldResult | None:
         silver_version = silver.version()
+        if isinstance(spec, SqlGold):
+            return self._refresh_sql(contract, spec, silver)
         if isinstance(spec, WindowGold):
             schema = window_schema(spec, contract)
             keys = [*spec.group_by, "window_start"]
@@ -152,14 +200,7 @@ class GoldRefresher:
         done = consumed_version(gold, GOLD_APP_ID)
         if done is not None and done >= silver_version:
             return None
-        if done is None:
-            changes = (
-                read_snapshot(silver).collect().with_columns(pl.lit("insert").alias("_change_type"))
-            )
-        else:
-            changes = read_changes(silver, done + 1, silver_version).filter(
-                pl.col("_change_type").is_in(CHANGED_ROWS)
-            )
+        changes = _silver_changes(silver, done)
         marker = commit_marker(GOLD_APP_ID, silver_version)
         if isinstance(spec, WindowGold):
             upserts = self._window_upserts(contract, spec, silver, changes, schema)
@@ -194,12 +235,55 @@ class GoldRefresher:
         rows = (
             read_snapshot(silver)
             .filter((pl.col(event_time) >= low) & (pl.col(event_time) < high))
-            .select([*spec.group_by, event_time, spec.value])
+            .select(list(dict.fromkeys([*spec.group_by, *contract.keys, event_time, spec.value])))
             .join(touched.lazy(), how="semi", on=spec.group_by)
             .collect()
         )
-        fresh = window_aggregates(rows, spec, event_time, schema)
+        fresh = window_aggregates(rows, spec, contract, schema)
         return _mark_presence(touched, fresh, [*spec.group_by, "window_start"], schema)
+
+    def _refresh_sql(
+        self, contract: SourceContract, spec: SqlGold, silver: DeltaTable
+    ) -> GoldResult | None:
+        """Recompute the windows touched since the recorded silver version; replace them."""
+        silver_version = silver.version()
+        gold = self._store.open("gold", spec.name)
+        done = consumed_version(gold, GOLD_APP_ID)
+        if done is not None and done >= silver_version:
+            return None
+        window = pl.col(contract.event_time).dt.truncate(spec.every)
+        touched = _silver_changes(silver, done).select(window.alias("w")).unique()["w"]
+        rows = (
+            read_snapshot(silver)
+            .filter(window.is_in(touched.implode()))
+            .collect()
+            .drop("_arrival", strict=False)
+        )
+        result = run_gold_sql(rows, spec)
+        strays = result.filter(~pl.col(spec.window_column).is_in(touched.implode()))
+        if not strays.is_empty():
+            raise GoldDefinitionError(
+                f"gold {spec.name!r}: {spec.window_column!r} must be the start of the "
+                f"{spec.every} event-time window (e.g. date_trunc of {contract.event_time!r}); "
+                f"got {strays[spec.window_column][0]}"
+            )
+        marker = commit_marker(GOLD_APP_ID, silver_version)
+        if gold is None or touched.is_empty():
+            append(self._store.uri("gold", spec.name), result, marker)
+        else:
+            windows = ", ".join(f"'{w.isoformat()}'" for w in touched.sort().to_list())
+            write_deltalake(
+                gold,
+                to_arrow(result),
+                mode="overwrite",
+                predicate=f'"{spec.window_column}" IN ({windows})',
+                commit_properties=marker,
+            )
+            sync_latest_commit(gold)
+        self._crash.reached("after_gold_commit")
+        outcome = GoldResult(spec.name, silver_version, touched.len())
+        log.info("gold.refreshed", **outcome.__dict__)
+        return outcome
 
     def _latest_upserts(
         self,
@@ -221,6 +305,15 @@ class GoldRefresher:
         )
         fresh = latest_values(rows, spec, contract.event_time, schema)
         return _mark_presence(touched, fresh, list(spec.group_by), schema)
+
+
+def _silver_changes(silver: DeltaTable, done: int | None) -> pl.DataFrame:
+    """Silver rows changed since version ``done`` (all of silver when never consumed)."""
+    if done is None:
+        return read_snapshot(silver).collect().with_columns(pl.lit("insert").alias("_change_type"))
+    return read_changes(silver, done + 1, silver.version()).filter(
+        pl.col("_change_type").is_in(CHANGED_ROWS)
+    )
 
 
 def _mark_presence(
