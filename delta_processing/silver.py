@@ -23,8 +23,8 @@ from config.contracts import SourceContract
 from delta_processing.coercions import apply_contract, contract_dtypes
 from delta_processing.column_names import CHANGE_FEED_COLUMNS
 from delta_processing.crashpoints import CrashPoints
-from delta_processing.evolution import RESCUED_COLUMN, apply_evolution
-from delta_processing.expectations import evaluate
+from delta_processing.evolution import RESCUED_COLUMN, EvolutionOutcome, apply_evolution
+from delta_processing.expectations import ExpectationOutcome, evaluate
 from delta_processing.quality import (
     QUALITY_LAYER,
     QUALITY_TABLE,
@@ -105,6 +105,62 @@ def replaces_predicate(contract: SourceContract) -> str:
     return f'(s."{seq}" > t."{seq}") OR (s."{seq}" = t."{seq}" AND {later})'
 
 
+@dataclass(frozen=True)
+class SilverBatch:
+    """One batch of bronze rows judged against a contract, ready for the three sinks."""
+
+    changes: pl.DataFrame  # the bronze rows (change feed inserts)
+    rejected: pl.DataFrame  # broke the contract's types or presence rules (raw form)
+    evolution: EvolutionOutcome
+    expectations: ExpectationOutcome
+    quarantined: pl.DataFrame  # everything bound for quarantine, raw, with _reason
+    passed: pl.DataFrame  # winners per key, bound for silver
+
+    @staticmethod
+    def since(frame: pl.DataFrame, version: int) -> pl.DataFrame:
+        """Rows of bronze versions ``version`` and later."""
+        return frame.filter(pl.col("_commit_version") >= version)
+
+    def silver_rows(self, schema: pl.Schema, since: int) -> pl.DataFrame:
+        """The passed rows from ``since`` on, shaped as silver (plus added columns)."""
+        added = [c for c in self.evolution.added_columns if c not in schema]
+        return self.since(self.passed, since).select(
+            [pl.col(n).cast(t) for n, t in schema.items()] + [pl.col(c) for c in added]
+        )
+
+    def quality(self, contract: SourceContract, since: int) -> BatchQuality:
+        """The quality counts of the rows from bronze version ``since`` on."""
+        failed, warned, dropped = self.expectations.counts(since)
+        return BatchQuality(
+            rows_in=self.since(self.changes, since).height,
+            rows_passed=self.since(self.expectations.kept, since).height,
+            rows_warned=warned,
+            rows_dropped=dropped,
+            rows_quarantined=self.since(self.quarantined, since).height,
+            contract_failures=self.since(self.rejected, since).height,
+            expectation_failures=failed,
+            evolution_mode=contract.evolution,
+            evolution_rows=self.evolution.affected_since(since),
+        )
+
+
+def build_batch(changes: pl.DataFrame, contract: SourceContract) -> SilverBatch:
+    """Type, evolve, check and de-duplicate bronze rows (pure).
+
+    Raises :class:`~delta_processing.expectations.ExpectationFailed` on a broken
+    ``fail`` expectation, before anything is written.
+    """
+    typed, rejected = apply_contract(with_arrival(changes), contract)
+    evolved = apply_evolution(typed, contract)
+    outcome = evaluate(evolved.rows, contract)
+    quarantined = pl.concat(
+        [rejected, _unpack_raw(evolved.rejected), _unpack_raw(outcome.quarantined)],
+        how="diagonal_relaxed",
+    )
+    passed = latest_per_key(outcome.kept, contract)
+    return SilverBatch(changes, rejected, evolved, outcome, quarantined, passed)
+
+
 class SilverPromoter:
     """Promotes new bronze versions of a source into silver and quarantine."""
 
@@ -139,44 +195,19 @@ class SilverPromoter:
         if start > end:
             return None
         changes = read_changes(bronze, start, end).filter(pl.col("_change_type") == "insert")
-        typed, rejected = apply_contract(with_arrival(changes), contract)
-        evolved = apply_evolution(typed, contract)
-        outcome = evaluate(evolved.rows, contract)  # raises before any commit on `fail`
-
-        def fresh(frame: pl.DataFrame, sink: str) -> pl.DataFrame:
-            return frame.filter(pl.col("_commit_version") >= _next_version(consumed[sink]))
-
-        to_quarantine = pl.concat(
-            [rejected, _unpack_raw(evolved.rejected), _unpack_raw(outcome.quarantined)],
-            how="diagonal_relaxed",
-        )
-        passed = latest_per_key(outcome.kept, contract)
+        batch = build_batch(changes, contract)  # raises before any commit on `fail`
         if _next_version(consumed["quality"]) <= end:
-            since = _next_version(consumed["quality"])
-            failed, warned, dropped = outcome.counts(since)
-            quality = BatchQuality(
-                rows_in=fresh(changes, "quality").height,
-                rows_passed=fresh(outcome.kept, "quality").height,
-                rows_warned=warned,
-                rows_dropped=dropped,
-                rows_quarantined=fresh(to_quarantine, "quality").height,
-                contract_failures=fresh(rejected, "quality").height,
-                expectation_failures=failed,
-                evolution_mode=contract.evolution,
-                evolution_rows=evolved.affected_since(since),
-            )
+            quality = batch.quality(contract, _next_version(consumed["quality"]))
             self._write_quality(contract, end, quality)
         if _next_version(consumed["quarantine"]) <= end:
-            self._write_quarantine(source, fresh(to_quarantine, "quarantine"), end)
+            fresh = batch.since(batch.quarantined, _next_version(consumed["quarantine"]))
+            self._write_quarantine(source, fresh, end)
         upserted = 0
         if _next_version(consumed["silver"]) <= end:
-            rows = fresh(passed, "silver")
-            rows = rows.select(
-                [pl.col(n).cast(t) for n, t in schema.items()]
-                + [pl.col(c) for c in evolved.added_columns if c not in schema]
-            )
+            rows = batch.silver_rows(schema, _next_version(consumed["silver"]))
             upserted = rows.height
             self._merge_silver(silver, rows, contract, end)
+        to_quarantine = batch.quarantined
         result = SilverResult(source, end, changes.height, upserted, to_quarantine.height)
         log.info("silver.promoted", **result.__dict__)
         return result
