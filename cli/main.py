@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import structlog
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from config.contracts import ContractError, ContractRegistry, load_contracts
 from config.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from delta_processing.processor import ProcessorLock
 
 app = typer.Typer(
     help="Lakehouse ingestion platform: landing -> bronze -> silver -> gold -> DuckDB.",
@@ -350,6 +355,86 @@ def quality(
             failures,
         )
     out.print(table)
+
+
+def _holding_processor_lock(settings: Settings) -> ProcessorLock:
+    """The processor lock, so a rebuild never races the pipeline's own commits."""
+    from delta_processing.processor import ProcessorLock, ProcessorLockedError
+
+    lock = ProcessorLock(settings.data_dir)
+    try:
+        lock.acquire()
+    except ProcessorLockedError as exc:
+        _fail(f"{exc} (stop `lakehouse up`/`process` first)", code=1)
+    return lock
+
+
+def _spinner(description: str) -> Progress:
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                        console=err, transient=True)  # fmt: skip
+    progress.add_task(description, total=None)
+    return progress
+
+
+@app.command()
+def refresh(
+    table: Annotated[str, typer.Argument(help="silver/<source> or gold/<table>.")],
+) -> None:
+    """Rebuild a silver or gold table in full from its upstream (not if protected)."""
+    from delta_processing.refresh import RefreshRefused
+    from delta_processing.refresh import refresh as rebuild
+    from delta_processing.tables import TableStore
+
+    settings, contracts = _load()
+    layer, _, name = table.partition("/")
+    if layer == "silver" and name in contracts:
+        contract, target = contracts[name], "silver"
+    elif layer == "gold":
+        owner = next((c for c in contracts.values() if any(g.name == name for g in c.gold)), None)
+        if owner is None:
+            _fail(f"no declared gold table {name!r}")
+        contract, target = owner, name
+    else:
+        _fail(f"cannot refresh {table!r}: use silver/<source> or gold/<table>")
+    lock = _holding_processor_lock(settings)
+    try:
+        with _spinner(f"rebuilding {table}"):
+            result = rebuild(TableStore(settings.data_dir), contract, target)
+    except RefreshRefused as exc:
+        _fail(str(exc), code=1)
+    finally:
+        lock.release()
+    out.print(
+        f"rebuilt {result.table}: {result.rows} row(s) from upstream v{result.upstream_version}"
+    )
+
+
+@app.command()
+def backfill(
+    source: Annotated[str, typer.Argument(help="The source to reprocess.")],
+    start: Annotated[datetime, typer.Option("--from", help="Ingested at or after (UTC).")],
+    end: Annotated[datetime, typer.Option("--to", help="Ingested before (UTC).")],
+) -> None:
+    """Re-judge the bronze rows ingested in [--from, --to) against the current contract."""
+    from delta_processing.refresh import RefreshRefused
+    from delta_processing.refresh import backfill as reprocess
+    from delta_processing.tables import TableStore
+
+    settings, contracts = _load()
+    if source not in contracts:
+        _fail(f"unknown source {source!r}")
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
+    if end <= start:
+        _fail("--to must be after --from")
+    lock = _holding_processor_lock(settings)
+    try:
+        with _spinner(f"backfilling {source}"):
+            result = reprocess(TableStore(settings.data_dir), contracts[source], start, end)
+    except RefreshRefused as exc:
+        _fail(str(exc), code=1)
+    finally:
+        lock.release()
+    out.print(f"backfilled {source}: {result.rows} row(s) upserted into silver")
 
 
 @replay_app.command("quarantine")

@@ -234,6 +234,10 @@ class SourceContract(_Strict):
     )
     gold: list[GoldSpec] = Field(default_factory=list)
     expectations: list[Expectation] = Field(default_factory=list)
+    protected: list[str] = Field(
+        default_factory=list,
+        description='Tables `lakehouse refresh` must never rebuild: "silver" and/or gold names.',
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceContract:
@@ -267,6 +271,9 @@ class SourceContract(_Strict):
         names = [g.name for g in self.gold]
         if len(set(names)) != len(names):
             raise ValueError("gold table names must be unique")
+        for table in self.protected:
+            if table != "silver" and table not in names:
+                raise ValueError(f"protected table {table!r} is neither 'silver' nor a gold table")
         for spec in self.gold:
             if isinstance(spec, SqlGold):
                 continue  # checked when the query first runs

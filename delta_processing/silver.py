@@ -96,9 +96,12 @@ def latest_per_key(typed: pl.DataFrame, contract: SourceContract) -> pl.DataFram
     )
 
 
-def replaces_predicate(contract: SourceContract) -> str:
-    """MERGE condition under which the source row ``s`` replaces the stored ``t``."""
-    later = 's."_arrival" > t."_arrival"'
+def replaces_predicate(contract: SourceContract, *, inclusive: bool = False) -> str:
+    """MERGE condition under which the source row ``s`` replaces the stored ``t``.
+
+    ``inclusive`` lets a row replace its own earlier copy (same arrival): backfills.
+    """
+    later = f's."_arrival" {">=" if inclusive else ">"} t."_arrival"'
     if contract.sequence is None:
         return later
     seq = contract.sequence
@@ -220,13 +223,9 @@ class SilverPromoter:
         )
 
     def _write_quarantine(self, source: str, rejected: pl.DataFrame, bronze_version: int) -> None:
-        rows = rejected.with_columns(
-            pl.col("_commit_version").cast(pl.Int64).alias("_bronze_version"),
-            pl.lit(datetime.now(UTC)).dt.cast_time_unit("us").alias("_quarantined_at"),
-        ).drop([*CHANGE_FEED_COLUMNS, "_arrival"], strict=False)
         append(
             self._store.uri("quarantine", source),
-            rows,
+            quarantine_rows(rejected),
             commit_marker(QUARANTINE_APP_ID, bronze_version),
             evolve_schema=True,
         )
@@ -273,6 +272,14 @@ def batch_bounds(consumed: dict[str, int | None], bronze_version: int) -> tuple[
     behind = recorded and any(v is None or v < max(recorded) for v in consumed.values())
     end = max(recorded) if behind else bronze_version
     return start, end
+
+
+def quarantine_rows(rejected: pl.DataFrame) -> pl.DataFrame:
+    """Rows bound for quarantine in the table's shape: raw fields, lineage, reason, when."""
+    return rejected.with_columns(
+        pl.col("_commit_version").cast(pl.Int64).alias("_bronze_version"),
+        pl.lit(datetime.now(UTC)).dt.cast_time_unit("us").alias("_quarantined_at"),
+    ).drop([*CHANGE_FEED_COLUMNS, "_arrival"], strict=False)
 
 
 def _unpack_raw(rows: pl.DataFrame) -> pl.DataFrame:

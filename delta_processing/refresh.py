@@ -1,0 +1,169 @@
+"""Full refresh of silver or gold tables, and backfill of a bronze time range.
+
+Both rebuild from the upstream layer and write in single commits that record
+(or keep) the upstream position, so the incremental pipeline carries on from
+where the rebuild ends. They must not race the processor: callers hold the
+processor lock (:class:`~delta_processing.processor.ProcessorLock`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+import structlog
+from deltalake import CommitProperties, write_deltalake
+
+from config.contracts import SourceContract
+from delta_processing.gold import GOLD_APP_ID, gold_frame
+from delta_processing.quality import QUALITY_LAYER, QUALITY_TABLE, quality_app_id, quality_row
+from delta_processing.silver import (
+    QUARANTINE_APP_ID,
+    SILVER_APP_ID,
+    build_batch,
+    quarantine_rows,
+    replaces_predicate,
+    silver_schema,
+)
+from delta_processing.tables import (
+    CDF_CONFIGURATION,
+    Layer,
+    TableStore,
+    append,
+    commit_marker,
+    merge,
+    read_changes,
+    read_snapshot,
+    sync_latest_commit,
+    to_arrow,
+)
+
+log = structlog.get_logger(__name__)
+
+
+class RefreshRefused(RuntimeError):
+    """The table cannot be rebuilt: protected, unknown, or not rebuildable."""
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What a rebuild wrote."""
+
+    table: str
+    rows: int
+    upstream_version: int
+
+
+def refresh(store: TableStore, contract: SourceContract, table: str) -> RefreshResult:
+    """Rebuild ``silver`` or a gold table of ``contract`` from its upstream, in full."""
+    if table in contract.protected:
+        raise RefreshRefused(
+            f"{table!r} of source {contract.name!r} is protected by its contract; "
+            "remove it from `protected` to allow a rebuild"
+        )
+    if table == "silver":
+        return _refresh_silver(store, contract)
+    spec = next((g for g in contract.gold if g.name == table), None)
+    if spec is None:
+        raise RefreshRefused(f"source {contract.name!r} has no table {table!r}")
+    silver = store.open("silver", contract.name)
+    if silver is None:
+        raise RefreshRefused(f"silver/{contract.name} does not exist yet")
+    version = silver.version()
+    rows = gold_frame(read_snapshot(silver).collect(), spec, contract)
+    write_deltalake(
+        store.uri("gold", spec.name),
+        to_arrow(rows),
+        mode="overwrite",
+        schema_mode="overwrite",
+        commit_properties=commit_marker(GOLD_APP_ID, version, **{"lakehouse.refresh": "full"}),
+    )
+    sync_latest_commit(store.uri("gold", spec.name))
+    log.info("refresh.gold", table=spec.name, rows=rows.height, silver_version=version)
+    return RefreshResult(f"gold/{spec.name}", rows.height, version)
+
+
+def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResult:
+    source = contract.name
+    bronze = store.open("bronze", source)
+    if bronze is None:
+        raise RefreshRefused(f"bronze/{source} does not exist yet")
+    end = bronze.version()
+    changes = read_changes(bronze, 0, end).filter(pl.col("_change_type") == "insert")
+    batch = build_batch(changes, contract)
+    append(
+        store.uri(QUALITY_LAYER, QUALITY_TABLE),
+        quality_row(contract, end, batch.quality(contract, 0)),
+        commit_marker(quality_app_id(source), end),
+    )
+    rebuilt: list[tuple[Layer, str, pl.DataFrame]] = [
+        ("quarantine", QUARANTINE_APP_ID, quarantine_rows(batch.quarantined)),
+        ("silver", SILVER_APP_ID, batch.silver_rows(silver_schema(contract), 0)),
+    ]
+    for layer, app_id, rows in rebuilt:
+        write_deltalake(
+            store.uri(layer, source),
+            to_arrow(rows),
+            mode="overwrite",
+            schema_mode="overwrite",
+            configuration=CDF_CONFIGURATION if layer == "silver" else None,
+            commit_properties=commit_marker(app_id, end, **{"lakehouse.refresh": "full"}),
+        )
+        sync_latest_commit(store.uri(layer, source))
+    rows_written = batch.passed.height
+    log.info("refresh.silver", source=source, rows=rows_written, bronze_version=end)
+    return RefreshResult(f"silver/{source}", rows_written, end)
+
+
+def backfill(
+    store: TableStore, contract: SourceContract, start: datetime, end: datetime
+) -> RefreshResult:
+    """Re-judge the bronze rows ingested in ``[start, end)`` against the current contract.
+
+    Passing rows are upserted into silver (replacing their earlier copies); the
+    quarantine rows of that range are replaced by the new rejects in one commit.
+    Only bronze versions silver has already consumed are touched, so the
+    incremental pipeline never sees a row twice.
+    """
+    source = contract.name
+    bronze = store.open("bronze", source)
+    silver = store.open("silver", source)
+    if bronze is None or silver is None:
+        raise RefreshRefused(f"source {source!r} has no bronze and silver tables yet")
+    consumed = silver.transaction_version(SILVER_APP_ID)
+    if consumed is None:
+        raise RefreshRefused(f"silver/{source} has consumed nothing yet")
+    changes = (
+        read_changes(bronze, 0, consumed)
+        .filter(pl.col("_change_type") == "insert")
+        .filter(pl.col("_ingested_at").is_between(start, end, closed="left"))
+    )
+    batch = build_batch(changes, contract)
+    note = CommitProperties(custom_metadata={"lakehouse.backfill": f"{start}..{end}"})
+    schema = silver_schema(contract)
+    rows = batch.silver_rows(schema, 0)
+    if not rows.is_empty():
+        merge(
+            silver,
+            rows,
+            contract.keys,
+            lambda m: m.when_matched_update_all(
+                predicate=replaces_predicate(contract, inclusive=True)
+            ).when_not_matched_insert_all(),
+            note,
+        )
+    quarantine = store.open("quarantine", source)
+    if quarantine is not None:
+        window = f"_ingested_at >= '{start.isoformat()}' AND _ingested_at < '{end.isoformat()}'"
+        write_deltalake(
+            quarantine,
+            to_arrow(quarantine_rows(batch.quarantined)),
+            mode="overwrite",
+            predicate=window,
+            schema_mode="merge",
+            commit_properties=note,
+        )
+        sync_latest_commit(quarantine)
+    log.info("backfill.done", source=source, rows=changes.height, start=str(start), end=str(end))
+    return RefreshResult(f"silver/{source}", rows.height, consumed)
