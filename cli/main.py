@@ -30,6 +30,8 @@ tokens_app = typer.Typer(help="Manage API bearer tokens.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 sources_app = typer.Typer(help="Source contracts: list them, or validate every contract file.")
 app.add_typer(sources_app, name="sources")
+retention_app = typer.Typer(help="Expire old rows per layer.", no_args_is_help=True)
+app.add_typer(retention_app, name="retention")
 replay_app = typer.Typer(
     help="Send set-aside rows back through the pipeline.", no_args_is_help=True
 )
@@ -435,6 +437,30 @@ def backfill(
     finally:
         lock.release()
     out.print(f"backfilled {source}: {result.rows} row(s) upserted into silver")
+
+
+@retention_app.command("apply")
+def retention_apply() -> None:
+    """Delete rows older than the configured retention of their layer (then vacuum reclaims)."""
+    from delta_processing.retention import RetentionPolicy, apply_retention
+    from delta_processing.tables import TableStore
+
+    settings, contracts = _load()
+    lock = _holding_processor_lock(settings)
+    try:
+        with _spinner("expiring old rows"):
+            results = apply_retention(
+                TableStore(settings.data_dir),
+                list(contracts.values()),
+                RetentionPolicy.from_settings(settings),
+                datetime.now(UTC),
+            )
+    finally:
+        lock.release()
+    for result in results:
+        out.print(f"{result.table}: {result.rows_deleted} row(s) before {result.cutoff:%Y-%m-%d}")
+    if not results:
+        out.print("nothing expired")
 
 
 @replay_app.command("quarantine")

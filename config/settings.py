@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     query_max_rows: int = Field(100_000, ge=1)
     query_memory_limit_mb: int = Field(1024, ge=64, description="DuckDB memory per query.")
     query_threads: int = Field(2, ge=1, le=256, description="DuckDB threads per query.")
+    retention_bronze_days: int | None = Field(None, ge=1, description="Keep bronze rows this long.")
+    retention_silver_days: int | None = Field(None, ge=1, description="Keep silver rows this long.")
+    retention_quarantine_days: int | None = Field(None, ge=1)
+    retention_gold_days: int | None = Field(None, ge=1, description="Unset: gold is kept forever.")
+    maintenance_interval_s: float = Field(
+        3600.0, gt=0, description="How often the processor compacts, checkpoints and expires."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     crash_at: str | None = Field(
         None,

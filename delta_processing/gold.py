@@ -29,6 +29,7 @@ from config.contracts import (
 )
 from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
+from delta_processing.retention import retention_versions
 from delta_processing.tables import (
     TableStore,
     append,
@@ -311,9 +312,13 @@ def _silver_changes(silver: DeltaTable, done: int | None) -> pl.DataFrame:
     """Silver rows changed since version ``done`` (all of silver when never consumed)."""
     if done is None:
         return read_snapshot(silver).collect().with_columns(pl.lit("insert").alias("_change_type"))
-    return read_changes(silver, done + 1, silver.version()).filter(
+    changes = read_changes(silver, done + 1, silver.version()).filter(
         pl.col("_change_type").is_in(CHANGED_ROWS)
     )
+    expired = retention_versions(silver, done)  # gold keeps what silver lets age out
+    if expired:
+        changes = changes.filter(~pl.col("_commit_version").is_in(sorted(expired)))
+    return changes
 
 
 def _mark_presence(
