@@ -20,6 +20,7 @@ from config.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from delta_processing.processor import ProcessorLock
+    from delta_processing.tables import Layer
 
 app = typer.Typer(
     help="Lakehouse ingestion platform: landing -> bronze -> silver -> gold -> DuckDB.",
@@ -437,6 +438,83 @@ def backfill(
     finally:
         lock.release()
     out.print(f"backfilled {source}: {result.rows} row(s) upserted into silver")
+
+
+def _parse_table(reference: str) -> tuple[Layer, str]:
+    from delta_processing.tables import LAYERS
+
+    layer, _, name = reference.partition("/")
+    if layer not in LAYERS or not name:
+        _fail(f"{reference!r} is not <layer>/<table> with layer one of {', '.join(LAYERS)}")
+    return layer, name
+
+
+@app.command()
+def optimize(
+    table: Annotated[
+        str | None, typer.Argument(help="<layer>/<table>; all tables if omitted.")
+    ] = None,
+    zorder: Annotated[
+        list[str] | None, typer.Option("--zorder", help="Z-order by these columns (repeatable).")
+    ] = None,
+) -> None:
+    """Compact small files (and optionally Z-order), checkpoint and clean the Delta log."""
+    from delta_processing.housekeeping import maintain_all
+    from delta_processing.maintenance import compact, policy_for
+    from delta_processing.tables import TableStore
+
+    settings, contracts = _load()
+    store = TableStore(settings.data_dir)
+    policy = policy_for(settings)
+    lock = _holding_processor_lock(settings)
+    try:
+        with _spinner("optimizing"):
+            if table is None:
+                if zorder:
+                    _fail("--zorder needs a table")
+                reports = maintain_all(store, contracts, policy)
+                lines = [f"{r.layer}/{r.name}: {r.compaction.files_removed} -> "
+                         f"{r.compaction.files_added} file(s)" for r in reports]  # fmt: skip
+            else:
+                layer, name = _parse_table(table)
+                target = store.open(layer, name)
+                if target is None:
+                    _fail(f"no table {table}")
+                result = compact(target, policy, zorder=zorder or None)
+                lines = [f"{table}: {result.files_removed} -> {result.files_added} file(s)"]
+    finally:
+        lock.release()
+    for line in lines:
+        out.print(line)
+
+
+@app.command()
+def vacuum(
+    table: Annotated[
+        str | None, typer.Argument(help="<layer>/<table>; all tables if omitted.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the files.")] = False,
+) -> None:
+    """Delete files no longer in their tables and older than the vacuum retention."""
+    from delta_processing.housekeeping import all_tables, vacuum_tables
+    from delta_processing.maintenance import policy_for
+    from delta_processing.tables import TableStore
+
+    settings, contracts = _load()
+    store = TableStore(settings.data_dir)
+    targets = list(all_tables(store)) if table is None else [_parse_table(table)]
+    lock = _holding_processor_lock(settings)
+    try:
+        with _spinner("vacuuming"):
+            results = vacuum_tables(store, contracts, policy_for(settings), targets,
+                                    dry_run=dry_run)  # fmt: skip
+    finally:
+        lock.release()
+    verb = "would delete" if dry_run else "deleted"
+    for result in results:
+        out.print(f"{result.table}: {verb} {len(result.files)} file(s)")
+        for name in result.files if dry_run else []:
+            out.print(f"  {name}", highlight=False)
 
 
 @retention_app.command("apply")

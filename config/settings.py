@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     retention_silver_days: int | None = Field(None, ge=1, description="Keep silver rows this long.")
     retention_quarantine_days: int | None = Field(None, ge=1)
     retention_gold_days: int | None = Field(None, ge=1, description="Unset: gold is kept forever.")
+    compaction_target_mb: int = Field(128, ge=1, description="Target data file size.")
+    checkpoint_interval: int = Field(100, ge=1, description="Delta checkpoint every N commits.")
+    vacuum_retention_days: int = Field(7, ge=0, description="Keep removed files this long.")
     maintenance_interval_s: float = Field(
         3600.0, gt=0, description="How often the processor compacts, checkpoints and expires."
     )

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +28,9 @@ from delta_processing.coercions import contract_dtypes
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.expectations import check_expectations
 from delta_processing.gold import GoldRefresher, GoldResult
+from delta_processing.housekeeping import maintain_all
+from delta_processing.maintenance import policy_for
+from delta_processing.retention import RetentionPolicy, apply_retention
 from delta_processing.silver import SilverPromoter, SilverResult
 from delta_processing.tables import TableStore
 from landing_zone.layout import LandingLayout
@@ -145,6 +149,20 @@ class Processor:
             report.gold.extend(self._gold.refresh(contract))
         return batch is not None
 
+    def housekeeping(self) -> None:
+        """Compact, checkpoint and clean every table, then expire rows past retention."""
+        store = TableStore(self._settings.data_dir)
+        reports = maintain_all(store, self._contracts, policy_for(self._settings))
+        compacted = [r for r in reports if r.compaction.ran]
+        expired = apply_retention(
+            store,
+            list(self._contracts.values()),
+            RetentionPolicy.from_settings(self._settings),
+            datetime.now(UTC),
+        )
+        log.info("processor.housekeeping", tables=len(reports), compacted=len(compacted),
+                 expired=[r.table for r in expired])  # fmt: skip
+
     def run_once(self) -> CycleReport:
         """Take the lock, drain everything once, release (for `lakehouse process --once`)."""
         self._lock.acquire()
@@ -161,6 +179,7 @@ class Processor:
         self.started.set()
         log.info("processor.started", data_dir=str(self._settings.data_dir))
         backoff = 0.0
+        next_housekeeping = time.monotonic() + self._settings.maintenance_interval_s
         try:
             while not stop.is_set():
                 self.wake.clear()
@@ -168,6 +187,10 @@ class Processor:
                 backoff = min(max(backoff * 2, 0.5), 30.0) if report.failures else 0.0
                 if report.did_work and not report.failures:
                     continue  # more may have arrived while we worked
+                if time.monotonic() >= next_housekeeping:
+                    # In this thread, between micro-batches: never races a pipeline commit.
+                    self.housekeeping()
+                    next_housekeeping = time.monotonic() + self._settings.maintenance_interval_s
                 self.wake.wait(timeout=backoff or self._settings.rescan_interval_s)
                 if stop.is_set():
                     break

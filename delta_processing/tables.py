@@ -97,42 +97,57 @@ def ensure_table(
     return created
 
 
+def local_root(table: str | DeltaTable) -> Path | None:
+    """The table's directory if it is on the local file system, else ``None``."""
+    uri = table.table_uri if isinstance(table, DeltaTable) else table
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    return Path(unquote(uri.removeprefix("file://")))
+
+
 def sync_latest_commit(table: str | DeltaTable) -> None:
-    """fsync the newest commit of a local table: its log entry and the files it adds.
+    """fsync the newest commit of a local table (see :func:`sync_commit`)."""
+    root = local_root(table)
+    if root is None:
+        return
+    commits = sorted((root / "_delta_log").glob("*.json"))
+    if commits:
+        sync_commit(table, int(commits[-1].stem))
+
+
+def sync_commit(table: str | DeltaTable, version: int) -> None:
+    """fsync one commit of a local table: its log entry and the files it adds.
 
     deltalake writes without fsync. A stage that lets go of its input after a
     commit (bronze archives landing files) must first make that commit survive a
     power loss, or the input would be gone and the commit with it. Object stores
     are durable once a write returns, so only local paths need this.
     """
-    uri = table.table_uri if isinstance(table, DeltaTable) else table
-    if "://" in uri and not uri.startswith("file://"):
+    root = local_root(table)
+    if root is None:
         return
-    root = Path(unquote(uri.removeprefix("file://")))
     log_dir = root / "_delta_log"
-    commits = sorted(log_dir.glob("*.json"))
-    if not commits:
-        return
-    latest = commits[-1]
+    entry = log_dir / f"{version:020d}.json"
     directories = {log_dir, root}
-    for line in latest.read_text(encoding="utf-8").splitlines():
+    for line in entry.read_text(encoding="utf-8").splitlines():
         added = json.loads(line).get("add") if line.strip() else None
         if added:
             data_file = root / unquote(added["path"])
-            _fsync_file(data_file)
+            fsync_file(data_file)
             directories.add(data_file.parent)
-    _fsync_file(latest)
+    fsync_file(entry)
     for extra in (
         log_dir / "_last_checkpoint",
         *sorted(log_dir.glob("*.checkpoint*.parquet"))[-1:],
     ):
         if extra.exists():
-            _fsync_file(extra)
+            fsync_file(extra)
     for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
         fsync_directory(directory)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
