@@ -93,8 +93,14 @@ async def ingest(
             "source names are 1-63 lowercase letters, digits or '_', starting with a letter",
         )
     require_scope(token, f"ingest:{source}")
-    if source not in context.contracts:
-        raise ApiError(404, "unknown_source", f"unknown source {source!r}", source=source)
+    if source not in context.contracts and not context.settings.auto_create_sources:
+        raise ApiError(
+            404,
+            "unknown_source",
+            f"unknown source {source!r} (declare a contract, or set "
+            "LAKEHOUSE_AUTO_CREATE_SOURCES=true to land undeclared sources in bronze)",
+            source=source,
+        )
     limit = context.settings.max_body_bytes
     try:
         fmt = format_for_content_type(request.headers.get("content-type"))

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest accepted request body, before and after gzip decompression.",
     )
+    auto_create_sources: bool = Field(
+        False,
+        description="Accept data for sources without a contract: it lands in bronze (raw) "
+        "until a contract is declared, then silver is built from all of bronze.",
+    )
     batch_max_files: int = Field(1000, ge=1, description="Landing files per bronze micro-batch.")
     batch_max_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Landing bytes per bronze micro-batch."
