@@ -36,12 +36,15 @@ def register_views(con: duckdb.DuckDBPyConnection, snapshots: list[TableSnapshot
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(layer)}")
     for snap in snapshots:
         target = f"{_ident(snap.layer)}.{_ident(snap.name)}"
-        if snap.file_uris and not snap.partition_columns:
+        if snap.file_uris and all(c.startswith("_") for c in snap.partition_columns):
             files = ", ".join(_literal(_local_path(uri)) for uri in snap.file_uris)
             # union_by_name: files written before a schema evolution lack the new columns.
+            # Our own partition columns (_ingest_date, _event_date) are dates DuckDB reads
+            # back exactly from the hive-style paths deltalake writes.
+            hive = ", hive_partitioning = true" if snap.partition_columns else ""
             con.execute(
                 f"CREATE OR REPLACE VIEW {target} AS "
-                f"SELECT * FROM read_parquet([{files}], union_by_name = true)"
+                f"SELECT * FROM read_parquet([{files}], union_by_name = true{hive})"
             )
             continue
         relation_name = f"__delta_{snap.layer}_{snap.name}"

@@ -149,6 +149,23 @@ class LatestGold(_Strict):
 GoldSpec = Annotated[WindowGold | LatestGold | SqlGold, Field(discriminator="kind")]
 
 EvolutionMode = Literal["add", "rescue", "fail", "freeze"]
+
+
+class Partitioning(BaseModel):
+    """How each layer's table of a source is partitioned.
+
+    ``ingest_date`` partitions bronze by the UTC date rows arrived (``_ingest_date``);
+    ``event_date`` partitions silver by the UTC date of the event time
+    (``_event_date``), which also prunes silver MERGEs when the event time is part
+    of the key.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bronze: Literal["none", "ingest_date"] = "none"
+    silver: Literal["none", "event_date"] = "none"
+
+
 ExpectationKind = Literal["not_null", "range", "regex", "allowed", "unique", "predicate"]
 ExpectationAction = Literal["warn", "drop", "quarantine", "fail"]
 
@@ -234,6 +251,7 @@ class SourceContract(_Strict):
     )
     gold: list[GoldSpec] = Field(default_factory=list)
     expectations: list[Expectation] = Field(default_factory=list)
+    partitioning: Partitioning = Field(default_factory=Partitioning)
     protected: list[str] = Field(
         default_factory=list,
         description='Tables `lakehouse refresh` must never rebuild: "silver" and/or gold names.',

@@ -25,7 +25,7 @@ from pathlib import Path
 import polars as pl
 import structlog
 
-from delta_processing.column_names import RESERVED_COLUMNS, delta_safe_names
+from delta_processing.column_names import INGEST_DATE, RESERVED_COLUMNS, delta_safe_names
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
     TableStore,
@@ -73,7 +73,10 @@ class BronzeIngestor:
         store: TableStore,
         limits: BronzeLimits,
         crash_points: CrashPoints,
+        partitioned: frozenset[str] = frozenset(),
     ) -> None:
+        """``partitioned``: sources whose bronze is partitioned by ingestion date."""
+        self._partitioned = partitioned
         self._layout = layout
         self._store = store
         self._limits = limits
@@ -165,6 +168,9 @@ class BronzeIngestor:
         rows = 0
         if frames:
             batch = pl.concat(frames, how="diagonal_relaxed")
+            partition_by = self._partition_columns(source)
+            if partition_by:
+                batch = batch.with_columns(pl.col("_ingested_at").dt.date().alias(INGEST_DATE))
             rows = batch.height
             append(
                 self._store.uri("bronze", source),
@@ -172,6 +178,7 @@ class BronzeIngestor:
                 commit_marker(BRONZE_APP_ID, seq, **{"lakehouse.files": str(len(frames))}),
                 evolve_schema=True,
                 cdf=True,
+                partition_by=partition_by,
             )
             self._crash.reached("after_bronze_commit")
         log.info(
@@ -184,6 +191,18 @@ class BronzeIngestor:
         )
         self._archive(source, claim_dir)
         return BronzeBatchResult(source, seq, len(frames), rows, quarantined)
+
+    def _partition_columns(self, source: str) -> list[str]:
+        """Bronze partitioning: the table's own once it exists (raw data is never stopped
+        for a layout change; rewriting bronze is an explicit operation)."""
+        wanted = [INGEST_DATE] if source in self._partitioned else []
+        table = self._store.open("bronze", source)
+        if table is None:
+            return wanted
+        current = list(table.metadata().partition_columns)
+        if current != wanted:
+            log.warning("bronze.partitioning_kept", source=source, table=current, contract=wanted)
+        return current
 
     def _existing_spellings(self, source: str) -> dict[str, str]:
         """Lower-cased name -> spelling of the raw columns bronze already has."""

@@ -15,11 +15,15 @@ CHANGE_FEED_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 QUARANTINE_COLUMNS = ("_reason", "_bronze_version", "_quarantined_at")
 # Computed in silver: the arrival order of a row, and its raw fields as one struct.
 SILVER_WORK_COLUMNS = ("_arrival", "_raw")
+# Partition columns derived from a row's times.
+INGEST_DATE = "_ingest_date"
+EVENT_DATE = "_event_date"
 PLATFORM_COLUMNS = frozenset(
-    name.lower() for name in (*LINEAGE_COLUMNS, *CHANGE_FEED_COLUMNS, *SILVER_WORK_COLUMNS)
+    name.lower()
+    for name in (*LINEAGE_COLUMNS, *CHANGE_FEED_COLUMNS, *SILVER_WORK_COLUMNS, INGEST_DATE)
 )
 RESERVED_COLUMNS = PLATFORM_COLUMNS | {
-    name.lower() for name in (*QUARANTINE_COLUMNS, "_rescued_data")
+    name.lower() for name in (*QUARANTINE_COLUMNS, "_rescued_data", EVENT_DATE)
 }
 MAX_NAME_LENGTH = 255
 

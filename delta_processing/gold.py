@@ -31,11 +31,13 @@ from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.retention import retention_versions
 from delta_processing.tables import (
+    REFRESH_MARK,
     TableStore,
     append,
     commit_marker,
     consumed_version,
     ensure_table,
+    marked_versions,
     merge,
     read_changes,
     read_snapshot,
@@ -166,6 +168,24 @@ class GoldDefinitionError(RuntimeError):
     """A declared gold table cannot be computed as declared (bad query or window)."""
 
 
+def rebuild_gold(
+    store: TableStore, contract: SourceContract, spec: GoldSpec, silver: DeltaTable
+) -> GoldResult:
+    """Recompute a gold table in full from ``silver`` and replace it in one commit."""
+    version = silver.version()
+    rows = gold_frame(read_snapshot(silver).collect(), spec, contract)
+    write_deltalake(
+        store.uri("gold", spec.name),
+        to_arrow(rows),
+        mode="overwrite",
+        schema_mode="overwrite",
+        commit_properties=commit_marker(GOLD_APP_ID, version, **{REFRESH_MARK: "full"}),
+    )
+    sync_latest_commit(store.uri("gold", spec.name))
+    log.info("gold.rebuilt", table=spec.name, rows=rows.height, silver_version=version)
+    return GoldResult(spec.name, version, rows.height)
+
+
 class GoldRefresher:
     """Brings the gold tables of a source up to the current silver version."""
 
@@ -180,6 +200,12 @@ class GoldRefresher:
             return []
         results = []
         for spec in contract.gold:
+            done = consumed_version(self._store.open("gold", spec.name), GOLD_APP_ID)
+            if done is not None and marked_versions(silver, done, REFRESH_MARK):
+                # Silver was rebuilt: its change feed across the rewrite is not a diff.
+                results.append(rebuild_gold(self._store, contract, spec, silver))
+                self._crash.reached("after_gold_commit")
+                continue
             result = self._refresh_one(contract, spec, silver)
             if result is not None:
                 results.append(result)

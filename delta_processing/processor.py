@@ -101,7 +101,10 @@ class Processor:
             max_bytes=settings.batch_max_bytes,
             max_file_bytes=settings.max_body_bytes,
         )
-        self._bronze = BronzeIngestor(self._layout, store, limits, crash)
+        partitioned = frozenset(
+            name for name, c in contracts.items() if c.partitioning.bronze == "ingest_date"
+        )
+        self._bronze = BronzeIngestor(self._layout, store, limits, crash, partitioned)
         self._silver = SilverPromoter(store, crash)
         self._gold = GoldRefresher(store, crash)
         self._lock = ProcessorLock(settings.data_dir)

@@ -16,7 +16,7 @@ import structlog
 from deltalake import CommitProperties, write_deltalake
 
 from config.contracts import SourceContract
-from delta_processing.gold import GOLD_APP_ID, gold_frame
+from delta_processing.gold import rebuild_gold
 from delta_processing.quality import QUALITY_LAYER, QUALITY_TABLE, quality_app_id, quality_row
 from delta_processing.silver import (
     QUARANTINE_APP_ID,
@@ -24,17 +24,18 @@ from delta_processing.silver import (
     build_batch,
     quarantine_rows,
     replaces_predicate,
+    silver_partitions,
     silver_schema,
 )
 from delta_processing.tables import (
     CDF_CONFIGURATION,
+    REFRESH_MARK,
     Layer,
     TableStore,
     append,
     commit_marker,
     merge,
     read_changes,
-    read_snapshot,
     sync_latest_commit,
     to_arrow,
 )
@@ -70,18 +71,8 @@ def refresh(store: TableStore, contract: SourceContract, table: str) -> RefreshR
     silver = store.open("silver", contract.name)
     if silver is None:
         raise RefreshRefused(f"silver/{contract.name} does not exist yet")
-    version = silver.version()
-    rows = gold_frame(read_snapshot(silver).collect(), spec, contract)
-    write_deltalake(
-        store.uri("gold", spec.name),
-        to_arrow(rows),
-        mode="overwrite",
-        schema_mode="overwrite",
-        commit_properties=commit_marker(GOLD_APP_ID, version, **{"lakehouse.refresh": "full"}),
-    )
-    sync_latest_commit(store.uri("gold", spec.name))
-    log.info("refresh.gold", table=spec.name, rows=rows.height, silver_version=version)
-    return RefreshResult(f"gold/{spec.name}", rows.height, version)
+    result = rebuild_gold(store, contract, spec, silver)
+    return RefreshResult(f"gold/{spec.name}", result.groups_touched, result.silver_version)
 
 
 def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResult:
@@ -107,8 +98,9 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
             to_arrow(rows),
             mode="overwrite",
             schema_mode="overwrite",
+            partition_by=(silver_partitions(contract) if layer == "silver" else None) or None,
             configuration=CDF_CONFIGURATION if layer == "silver" else None,
-            commit_properties=commit_marker(app_id, end, **{"lakehouse.refresh": "full"}),
+            commit_properties=commit_marker(app_id, end, **{REFRESH_MARK: "full"}),
         )
         sync_latest_commit(store.uri(layer, source))
     rows_written = batch.passed.height

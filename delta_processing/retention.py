@@ -19,7 +19,7 @@ from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import LatestGold, SourceContract, SqlGold, WindowGold
 from config.settings import Settings
-from delta_processing.tables import Layer, TableStore, sync_latest_commit
+from delta_processing.tables import Layer, TableStore, marked_versions, sync_latest_commit
 
 RETENTION_MARK = "lakehouse.retention"
 
@@ -114,11 +114,4 @@ def expire(table: DeltaTable, column: str, cutoff: datetime) -> int:
 
 def retention_versions(table: DeltaTable, after: int) -> set[int]:
     """Versions after ``after`` whose commits were made by retention."""
-    newer = table.version() - after
-    if newer <= 0:
-        return set()
-    return {
-        int(entry["version"])
-        for entry in table.history(newer)
-        if RETENTION_MARK in entry and int(entry["version"]) > after
-    }
+    return marked_versions(table, after, RETENTION_MARK)

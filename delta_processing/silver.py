@@ -21,7 +21,7 @@ from deltalake import DeltaTable
 
 from config.contracts import SourceContract
 from delta_processing.coercions import apply_contract, contract_dtypes
-from delta_processing.column_names import CHANGE_FEED_COLUMNS
+from delta_processing.column_names import CHANGE_FEED_COLUMNS, EVENT_DATE
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.evolution import RESCUED_COLUMN, EvolutionOutcome, apply_evolution
 from delta_processing.expectations import ExpectationOutcome, evaluate
@@ -72,7 +72,13 @@ class SilverResult:
 def silver_schema(contract: SourceContract) -> pl.Schema:
     """Columns of ``silver/<source>``: the contract's typed fields, then lineage."""
     rescued = {RESCUED_COLUMN: pl.String()} if contract.evolution == "rescue" else {}
-    return pl.Schema({**contract_dtypes(contract), **rescued, **SILVER_LINEAGE})
+    dated = {EVENT_DATE: pl.Date()} if contract.partitioning.silver == "event_date" else {}
+    return pl.Schema({**contract_dtypes(contract), **rescued, **SILVER_LINEAGE, **dated})
+
+
+def silver_partitions(contract: SourceContract) -> list[str]:
+    """Partition columns of ``silver/<source>``."""
+    return [EVENT_DATE] if contract.partitioning.silver == "event_date" else []
 
 
 def with_arrival(rows: pl.DataFrame) -> pl.DataFrame:
@@ -106,6 +112,18 @@ def replaces_predicate(contract: SourceContract, *, inclusive: bool = False) -> 
         return later
     seq = contract.sequence
     return f'(s."{seq}" > t."{seq}") OR (s."{seq}" = t."{seq}" AND {later})'
+
+
+def partition_prune(contract: SourceContract, rows: pl.DataFrame) -> str | None:
+    """Restrict a silver MERGE to the event dates of ``rows``, when that is safe.
+
+    Safe only if the event time is part of the key: a key's row then never moves
+    to another date, so its stored copy is always in one of these partitions.
+    """
+    if not silver_partitions(contract) or contract.event_time not in contract.keys:
+        return None
+    dates = ", ".join(f"'{d.isoformat()}'" for d in rows[EVENT_DATE].unique().sort())
+    return f't."{EVENT_DATE}" IN ({dates})'
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,8 @@ def build_batch(changes: pl.DataFrame, contract: SourceContract) -> SilverBatch:
         how="diagonal_relaxed",
     )
     passed = latest_per_key(outcome.kept, contract)
+    if silver_partitions(contract):
+        passed = passed.with_columns(pl.col(contract.event_time).dt.date().alias(EVENT_DATE))
     return SilverBatch(changes, rejected, evolved, outcome, quarantined, passed)
 
 
@@ -183,7 +203,14 @@ class SilverPromoter:
         if bronze is None:
             return None
         schema = silver_schema(contract)
-        silver = ensure_table(self._store, "silver", source, schema, cdf=True)
+        silver = ensure_table(
+            self._store,
+            "silver",
+            source,
+            schema,
+            cdf=True,
+            partition_by=silver_partitions(contract),
+        )
         silver = reconcile_columns(silver, schema, f"silver/{source}")
         consumed = {
             "quality": consumed_version(
@@ -255,6 +282,7 @@ class SilverPromoter:
                 ).when_not_matched_insert_all(),
                 marker,
                 evolve_schema=evolve,
+                prune=partition_prune(contract, rows),
             )
         self._crash.reached("after_silver_commit")
 

@@ -79,18 +79,39 @@ def to_arrow(frame: pl.DataFrame) -> pa.Table:
     return frame.to_arrow(compat_level=pl.CompatLevel.oldest())
 
 
+class PartitioningChanged(RuntimeError):
+    """A table's partition columns differ from what its contract now declares."""
+
+
 def ensure_table(
-    store: TableStore, layer: Layer, name: str, schema: pl.Schema, *, cdf: bool
+    store: TableStore,
+    layer: Layer,
+    name: str,
+    schema: pl.Schema,
+    *,
+    cdf: bool,
+    partition_by: list[str] | None = None,
 ) -> DeltaTable:
-    """Open the table, creating it empty with ``schema`` if it does not exist yet."""
+    """Open the table, creating it empty with ``schema`` if it does not exist yet.
+
+    Raises :class:`PartitioningChanged` if an existing table is partitioned otherwise.
+    """
     table = store.open(layer, name)
     if table is not None:
+        current = list(table.metadata().partition_columns)
+        if current != (partition_by or []):
+            raise PartitioningChanged(
+                f"{layer}/{name} is partitioned by {current or 'nothing'} but the contract "
+                f"says {partition_by or 'nothing'}; rebuild it with `lakehouse refresh "
+                f"{layer}/{name}`"
+            )
         return table
     empty = to_arrow(pl.DataFrame(schema=schema))
     created = DeltaTable.create(
         store.uri(layer, name),
         schema=empty.schema,
         mode="ignore",
+        partition_by=partition_by or None,
         configuration=CDF_CONFIGURATION if cdf else None,
     )
     sync_latest_commit(created)
@@ -162,12 +183,17 @@ def append(
     *,
     evolve_schema: bool = False,
     cdf: bool = False,
+    partition_by: list[str] | None = None,
 ) -> None:
-    """Append ``frame`` and the marker in one commit (an empty frame commits just the marker)."""
+    """Append ``frame`` and the marker in one commit (an empty frame commits just the marker).
+
+    ``partition_by`` applies when the append creates the table.
+    """
     write_deltalake(
         target,
         to_arrow(frame),
         mode="append",
+        partition_by=partition_by or None,
         schema_mode="merge" if evolve_schema else None,
         configuration=CDF_CONFIGURATION if cdf else None,
         commit_properties=marker,
@@ -183,8 +209,12 @@ def merge(
     marker: CommitProperties,
     *,
     evolve_schema: bool = False,
+    prune: str | None = None,
 ) -> None:
     """MERGE ``source`` into ``table`` on ``keys`` and record ``marker`` in the commit.
+
+    ``prune`` (a predicate on the target ``t``, e.g. its partitions) narrows the
+    files the MERGE reads; it must hold for every target row a source row matches.
 
     ``build`` adds the when-clauses. A MERGE that changes nothing writes no commit,
     so the marker would be lost and the same input consumed again forever; the
@@ -193,7 +223,7 @@ def merge(
     before = table.version()
     merger = table.merge(
         to_arrow(source),
-        predicate=key_predicate(keys),
+        predicate=key_predicate(keys) + (f" AND ({prune})" if prune else ""),
         source_alias="s",
         target_alias="t",
         merge_schema=evolve_schema,
@@ -204,6 +234,21 @@ def merge(
         append(table, source.clear(), marker, evolve_schema=evolve_schema)
     else:
         sync_latest_commit(table)
+
+
+REFRESH_MARK = "lakehouse.refresh"
+
+
+def marked_versions(table: DeltaTable, after: int, mark: str) -> set[int]:
+    """Versions after ``after`` whose commit metadata carries ``mark``."""
+    newer = table.version() - after
+    if newer <= 0:
+        return set()
+    return {
+        int(entry["version"])
+        for entry in table.history(newer)
+        if mark in entry and int(entry["version"]) > after
+    }
 
 
 def key_predicate(keys: list[str]) -> str:
