@@ -106,8 +106,9 @@ class BronzeIngestor:
         claim_dir = self._layout.inflight_dir(source, seq)
         claim_dir.mkdir(parents=True, exist_ok=True)
         fsync_directory(claim_dir.parent)
-        for path in files:
-            os.rename(path, claim_dir / path.name)
+        for order, path in enumerate(files):
+            # The prefix keeps the arrival order inside the claim (see claimed_name).
+            os.rename(path, claim_dir / claimed_name(order, path.name))
         fsync_directory(claim_dir)
         self._crash.reached("after_claim")
         return self._commit_or_give_up(source, seq, claim_dir)
@@ -158,13 +159,15 @@ class BronzeIngestor:
         quarantined = 0
         files = sorted(p for p in claim_dir.iterdir() if p.is_file())
         for path in files:
+            order, name = split_claimed_name(path.name)
             try:
-                raw = read_batch_file(path.read_bytes(), path.name, self._limits.max_file_bytes)
+                raw = read_batch_file(path.read_bytes(), name, self._limits.max_file_bytes)
             except BatchDecodeError as exc:
                 self._quarantine_file(source, path, str(exc))
                 quarantined += 1
                 continue
-            frames.append(with_lineage(raw, source, path.name, ingested_at, spellings))
+            lineage = with_lineage(raw, source, name, ingested_at, spellings)
+            frames.append(lineage.with_columns(pl.lit(order, dtype=pl.Int64).alias("_file_order")))
         rows = 0
         if frames:
             batch = pl.concat(frames, how="diagonal_relaxed")
@@ -218,7 +221,7 @@ class BronzeIngestor:
         target = self._layout.archive_dir(source, day)
         target.mkdir(parents=True, exist_ok=True)
         for index, path in enumerate(sorted(claim_dir.iterdir())):
-            shutil.move(path, free_path(target, path.name))
+            shutil.move(path, free_path(target, split_claimed_name(path.name)[1]))
             if index == 0:
                 self._crash.reached("mid_archive")
         fsync_directory(target)
@@ -229,18 +232,32 @@ class BronzeIngestor:
         """Set aside a file that cannot be read at all, with an error file beside it."""
         target_dir = self._layout.quarantine_files_dir(source)
         target_dir.mkdir(parents=True, exist_ok=True)
+        name = split_claimed_name(path.name)[1]
         report = {
-            "file": path.name,
+            "file": name,
             "source": source,
             "error": error,
             "quarantined_at": datetime.now(UTC).isoformat(),
         }
-        target = free_path(target_dir, path.name)
+        target = free_path(target_dir, name)
         error_path = target_dir / f"{target.name}.error.json"
         error_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
         shutil.move(path, target)
         fsync_directory(target_dir)
-        log.warning("bronze.file_quarantined", source=source, file=path.name, error=error)
+        log.warning("bronze.file_quarantined", source=source, file=name, error=error)
+
+
+def claimed_name(order: int, name: str) -> str:
+    """A landing file's name inside a claim: its arrival position, ``~``, its name."""
+    return f"{order:06d}~{name}"
+
+
+def split_claimed_name(claimed: str) -> tuple[int | None, str]:
+    """``(arrival position, original name)`` of a claimed file (position unknown: None)."""
+    head, sep, rest = claimed.partition("~")
+    if sep and head.isdigit() and len(head) == 6:
+        return int(head), rest
+    return None, claimed
 
 
 def free_path(directory: Path, name: str) -> Path:

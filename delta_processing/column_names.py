@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import re
 
-LINEAGE_COLUMNS = ("_source", "_landing_file", "_batch_id", "_row", "_ingested_at")
+LINEAGE_COLUMNS = (
+    "_source",
+    "_landing_file",
+    "_batch_id",
+    "_row",
+    "_ingested_at",
+    "_file_order",
+)
 CHANGE_FEED_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 QUARANTINE_COLUMNS = ("_reason", "_bronze_version", "_quarantined_at")
 # Computed in silver: the arrival order of a row, and its raw fields as one struct.

@@ -44,7 +44,7 @@ def _batch_exists(layout: LandingLayout, data_dir: Path, source: str, batch_id: 
     name = f"{batch_id}.parquet"
     places = [
         layout.source_dir(source).glob(name),
-        layout.inflight_root(source).glob(f"*/{name}"),
+        layout.inflight_root(source).glob(f"*/*{name}"),  # claimed names carry a prefix
         (data_dir / "archive" / source).glob(f"*/{name}"),
     ]
     return any(any(found) for found in places)

@@ -53,7 +53,8 @@ SILVER_LINEAGE: dict[str, pl.DataType] = {
     "_arrival": pl.Int64(),
 }
 # Arrival order of bronze rows: among equal sequence values, the later arrival wins.
-ARRIVAL_ORDER = ["_commit_version", "_landing_file", "_row"]
+# Within a bronze commit: the files' arrival order, then the row's position in its file.
+ARRIVAL_ORDER = ["_commit_version", "_file_order", "_landing_file", "_row"]
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +84,9 @@ def silver_partitions(contract: SourceContract) -> list[str]:
 
 def with_arrival(rows: pl.DataFrame) -> pl.DataFrame:
     """Add ``_arrival``: a total, monotonic order of bronze rows (commit, file, row)."""
-    ordered = rows.sort(ARRIVAL_ORDER)
+    if "_file_order" not in rows.columns:  # bronze written before files were ordered
+        rows = rows.with_columns(pl.lit(None, dtype=pl.Int64).alias("_file_order"))
+    ordered = rows.sort(ARRIVAL_ORDER, nulls_last=False)
     rank = pl.int_range(pl.len(), dtype=pl.Int64).over("_commit_version")
     return ordered.with_columns(
         ((pl.col("_commit_version").cast(pl.Int64) * 2**32) + rank).alias("_arrival")

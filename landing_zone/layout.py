@@ -103,14 +103,26 @@ class LandingLayout:
         return sorted(names)
 
     def pending_files(self, source: str) -> list[Path]:
-        """Complete landing files of ``source``, oldest name first (batch ids sort by time)."""
+        """Complete landing files of ``source`` in arrival order.
+
+        Arrival is the rename into the landing folder, which sets the file's
+        ctime (mtime can be old: ``rsync -t``, ``cp -p``); ties, common with a
+        coarse kernel clock, fall back to the name (API batch ids sort by time).
+        """
         directory = self.source_dir(source)
         if not directory.is_dir():
             return []
-        return sorted(
-            (p for p in directory.iterdir() if p.is_file() and is_landing_file(p)),
-            key=lambda p: p.name,
-        )
+        arrived = []
+        for path in directory.iterdir():
+            if not is_landing_file(path):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # claimed or removed meanwhile
+                continue
+            if path.is_file():
+                arrived.append((stat.st_ctime_ns, path.name, path))
+        return [path for _, _, path in sorted(arrived)]
 
     def inflight_batches(self, source: str) -> list[tuple[int, Path]]:
         """Claimed-but-unfinished bronze batches of ``source`` as ``(seq, dir)``, by seq."""

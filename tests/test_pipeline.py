@@ -341,3 +341,22 @@ def test_files_dropped_twice_under_one_name_are_all_kept(settings: Settings) -> 
         "broken~1.json.error.json",
     ]
     assert sorted(_table(settings, "silver")["value"].to_list()) == [1.0, 2.0]
+
+
+def test_hand_dropped_files_keep_their_arrival_order(settings: Settings) -> None:
+    """A later correction wins even when its file name sorts first."""
+    import time
+
+    source_dir = LandingLayout(settings.data_dir).source_dir("readings")
+    source_dir.mkdir(parents=True)
+    (source_dir / "z_first.ndjson").write_bytes(_ndjson([_reading(1, 1.0)]))
+    time.sleep(0.05)
+    (source_dir / "a_second.ndjson").write_bytes(_ndjson([_reading(1, 2.0)]))
+    time.sleep(0.05)
+    _write(settings, [_reading(1, 3.0)])  # an API batch after both: wins over both
+    Processor(settings, load_contracts()).run_once()
+    assert _table(settings, "silver")["value"].to_list() == [3.0]
+    bronze = _table(settings, "bronze").sort("_file_order")
+    assert bronze["_landing_file"].to_list()[:2] == ["z_first.ndjson", "a_second.ndjson"]
+    archived = {p.name for p in (settings.data_dir / "archive").rglob("*.ndjson")}
+    assert archived == {"z_first.ndjson", "a_second.ndjson"}
