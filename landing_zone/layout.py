@@ -78,6 +78,11 @@ class LandingLayout:
     def temp_dir(self, source: str) -> Path:
         return self.source_dir(source) / ".tmp"
 
+    @property
+    def dead_letter_dir(self) -> Path:
+        """Messages the bridges could not turn into records, waiting for the dead-letter table."""
+        return self.landing_root / ".dead_letters"
+
     def inflight_root(self, source: str) -> Path:
         return self.landing_root / ".inflight" / check_source_name(source)
 

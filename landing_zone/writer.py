@@ -21,6 +21,9 @@ import polars as pl
 
 from landing_zone.layout import LandingLayout, fsync_directory
 
+# A dead letter: where it came from, what it was (base64), why it is not a record.
+DEAD_LETTER_COLUMNS = ("origin", "topic", "payload_base64", "error", "received_at")
+
 
 class LandingWriteError(OSError):
     """The batch could not be made durable; nothing visible was left behind."""
@@ -58,9 +61,29 @@ class LandingWriter:
 
         Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
         """
-        batch_id = batch_id or new_batch_id()
         final_dir = self._layout.source_dir(source)
-        temp_dir = self._layout.temp_dir(source)
+        return self._write(source, frame, final_dir, final_dir / ".tmp", batch_id)
+
+    def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:
+        """Durably set aside messages no record could be made of (see DEAD_LETTER_COLUMNS).
+
+        The processor moves them into the Delta table ``quarantine/_dead_letters``.
+        """
+        missing = [c for c in DEAD_LETTER_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"dead letters need the columns {missing}")
+        final_dir = self._layout.dead_letter_dir
+        return self._write("_dead_letters", frame, final_dir, final_dir / ".tmp", None)
+
+    def _write(
+        self,
+        source: str,
+        frame: pl.DataFrame,
+        final_dir: Path,
+        temp_dir: Path,
+        batch_id: str | None,
+    ) -> LandingReceipt:
+        batch_id = batch_id or new_batch_id()
         self._ensure_dirs(final_dir, temp_dir)
         name = f"{batch_id}.parquet"
         temp_path = temp_dir / name
