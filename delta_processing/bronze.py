@@ -24,10 +24,12 @@ from pathlib import Path
 
 import polars as pl
 import structlog
+from deltalake import DeltaTable
 
 from delta_processing.column_names import INGEST_DATE, RESERVED_COLUMNS, delta_safe_names
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
+    Layer,
     TableStore,
     append,
     commit_marker,
@@ -35,7 +37,7 @@ from delta_processing.tables import (
     table_columns,
 )
 from landing_zone.formats import BatchDecodeError, read_batch_file
-from landing_zone.layout import LandingLayout, fsync_directory
+from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 
 BRONZE_APP_ID = "lakehouse/bronze"
 # A claim whose append fails this many times in a row is set aside (file quarantine).
@@ -87,7 +89,7 @@ class BronzeIngestor:
         """Finish claims left by a previous run: archive committed ones, commit the rest."""
         results = []
         for seq, directory in self._layout.inflight_batches(source):
-            committed = consumed_version(self._store.open("bronze", source), BRONZE_APP_ID) or 0
+            committed = consumed_version(self._table(source), BRONZE_APP_ID) or 0
             if seq <= committed:
                 log.info("bronze.recover.already_committed", source=source, seq=seq)
                 self._archive(source, directory)
@@ -101,7 +103,7 @@ class BronzeIngestor:
         files = self._select(self._layout.pending_files(source))
         if not files:
             return None
-        committed = consumed_version(self._store.open("bronze", source), BRONZE_APP_ID) or 0
+        committed = consumed_version(self._table(source), BRONZE_APP_ID) or 0
         seq = committed + 1
         claim_dir = self._layout.inflight_dir(source, seq)
         claim_dir.mkdir(parents=True, exist_ok=True)
@@ -174,11 +176,14 @@ class BronzeIngestor:
             partition_by = self._partition_columns(source)
             if partition_by:
                 batch = batch.with_columns(pl.col("_ingested_at").dt.date().alias(INGEST_DATE))
+            batch, positions = new_stream_records(batch, self._table(source))
             rows = batch.height
             append(
-                self._store.uri("bronze", source),
+                self._store.uri(*target_table(source)),
                 batch,
-                commit_marker(BRONZE_APP_ID, seq, **{"lakehouse.files": str(len(frames))}),
+                commit_marker(
+                    BRONZE_APP_ID, seq, positions, **{"lakehouse.files": str(len(frames))}
+                ),
                 evolve_schema=True,
                 cdf=True,
                 partition_by=partition_by,
@@ -195,11 +200,14 @@ class BronzeIngestor:
         self._archive(source, claim_dir)
         return BronzeBatchResult(source, seq, len(frames), rows, quarantined)
 
+    def _table(self, source: str) -> DeltaTable | None:
+        return self._store.open(*target_table(source))
+
     def _partition_columns(self, source: str) -> list[str]:
         """Bronze partitioning: the table's own once it exists (raw data is never stopped
         for a layout change; rewriting bronze is an explicit operation)."""
         wanted = [INGEST_DATE] if source in self._partitioned else []
-        table = self._store.open("bronze", source)
+        table = self._table(source)
         if table is None:
             return wanted
         current = list(table.metadata().partition_columns)
@@ -209,7 +217,7 @@ class BronzeIngestor:
 
     def _existing_spellings(self, source: str) -> dict[str, str]:
         """Lower-cased name -> spelling of the raw columns bronze already has."""
-        table = self._store.open("bronze", source)
+        table = self._table(source)
         if table is None:
             return {}
         names = table_columns(table)
@@ -245,6 +253,63 @@ class BronzeIngestor:
         shutil.move(path, target)
         fsync_directory(target_dir)
         log.warning("bronze.file_quarantined", source=source, file=name, error=error)
+
+
+def target_table(source: str) -> tuple[Layer, str]:
+    """Where a landing source's files are appended: its bronze table, or the dead letters."""
+    return ("quarantine", DEAD_LETTERS) if source == DEAD_LETTERS else ("bronze", source)
+
+
+KAFKA_POSITION = ("kafka_topic", "kafka_partition", "kafka_offset")
+
+
+def stream_app_id(topic: str, partition: str) -> str:
+    """Application-transaction id recording how far bronze holds a Kafka partition."""
+    return f"lakehouse/kafka/{topic}/{partition}"
+
+
+def new_stream_records(
+    batch: pl.DataFrame, table: DeltaTable | None
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Drop Kafka records bronze already holds; return the rest and the new positions.
+
+    The bridge is at-least-once (offsets are committed after the landing file is
+    durable), so a crash can land a message twice. Bronze records, per topic
+    partition, the highest offset it holds in the same commit as the rows (as
+    kafka-delta-ingest does), so a re-delivered message never makes a second row.
+    """
+    if not set(KAFKA_POSITION) <= set(batch.columns):
+        return batch, {}
+    offset = pl.col("kafka_offset").cast(pl.Int64, strict=False)
+    keyed = batch.with_columns(offset.alias("__offset")).unique(
+        subset=["kafka_topic", "kafka_partition", "__offset"], keep="first", maintain_order=True
+    )
+    held = {
+        (topic, partition): table.transaction_version(stream_app_id(topic, partition))
+        if table is not None
+        else None
+        for topic, partition in keyed.select("kafka_topic", "kafka_partition").unique().iter_rows()
+        if topic is not None and partition is not None
+    }
+    floors = pl.DataFrame(
+        {
+            "kafka_topic": [t for t, _ in held],
+            "kafka_partition": [p for _, p in held],
+            "__held": [-1 if v is None else v for v in held.values()],
+        },
+        schema={"kafka_topic": pl.String, "kafka_partition": pl.String, "__held": pl.Int64},
+    )
+    fresh = keyed.join(floors, on=["kafka_topic", "kafka_partition"], how="left").filter(
+        pl.col("__offset").is_null() | (pl.col("__offset") > pl.col("__held"))
+    )
+    positions = {
+        stream_app_id(topic, partition): int(top)
+        for topic, partition, top in fresh.group_by("kafka_topic", "kafka_partition")
+        .agg(pl.col("__offset").max())
+        .iter_rows()
+        if topic is not None and partition is not None and top is not None
+    }
+    return fresh.drop("__offset", "__held"), positions
 
 
 def claimed_name(order: int, name: str) -> str:

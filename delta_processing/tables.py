@@ -66,12 +66,16 @@ def consumed_version(table: DeltaTable | None, app_id: str) -> int | None:
     return None if table is None else table.transaction_version(app_id)
 
 
-def commit_marker(app_id: str, version: int, **metadata: str) -> CommitProperties:
-    """Commit properties that record ``version`` for ``app_id`` in the same commit as the data."""
-    return CommitProperties(
-        app_transactions=[Transaction(app_id, version)],
-        custom_metadata=metadata or None,
-    )
+def commit_marker(
+    app_id: str, version: int, extra: dict[str, int] | None = None, /, **metadata: str
+) -> CommitProperties:
+    """Commit properties that record ``version`` for ``app_id`` in the same commit as the data.
+
+    ``extra`` records further application positions (e.g. Kafka partitions) alongside.
+    """
+    transactions = [Transaction(app_id, version)]
+    transactions += [Transaction(other, position) for other, position in (extra or {}).items()]
+    return CommitProperties(app_transactions=transactions, custom_metadata=metadata or None)
 
 
 def to_arrow(frame: pl.DataFrame) -> pa.Table:

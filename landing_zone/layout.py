@@ -37,9 +37,13 @@ class InvalidSourceName(ValueError):
     """A source name that could escape its directory or is not a lowercase identifier."""
 
 
+# The bridges' dead letters travel through the landing zone like a source of their own.
+DEAD_LETTERS = "_dead_letters"
+
+
 def check_source_name(source: str) -> str:
     """Return ``source`` if it is a safe source name, else raise :class:`InvalidSourceName`."""
-    if not is_valid_source_name(source):
+    if source != DEAD_LETTERS and not is_valid_source_name(source):
         raise InvalidSourceName(
             f"invalid source name {source!r}: use 1-63 lowercase letters, digits or '_', "
             "starting with a letter"
@@ -73,6 +77,8 @@ class LandingLayout:
         return self.data_dir / "landing"
 
     def source_dir(self, source: str) -> Path:
+        if source == DEAD_LETTERS:
+            return self.dead_letter_dir
         return self.landing_root / check_source_name(source)
 
     def temp_dir(self, source: str) -> Path:
@@ -105,6 +111,11 @@ class LandingLayout:
                     for entry in root.iterdir()
                     if entry.is_dir() and is_valid_source_name(entry.name)
                 )
+        if (
+            self.dead_letter_dir.is_dir()
+            or (self.landing_root / ".inflight" / DEAD_LETTERS).is_dir()
+        ):
+            names.add(DEAD_LETTERS)
         return sorted(names)
 
     def pending_files(self, source: str) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 
-from landing_zone.layout import LandingLayout, fsync_directory
+from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 
 # A dead letter: where it came from, what it was (base64), why it is not a record.
 DEAD_LETTER_COLUMNS = ("origin", "topic", "payload_base64", "error", "received_at")
@@ -62,7 +62,7 @@ class LandingWriter:
         Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
         """
         final_dir = self._layout.source_dir(source)
-        return self._write(source, frame, final_dir, final_dir / ".tmp", batch_id)
+        return self._write(source, frame, final_dir, self._layout.temp_dir(source), batch_id)
 
     def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:
         """Durably set aside messages no record could be made of (see DEAD_LETTER_COLUMNS).
@@ -72,8 +72,7 @@ class LandingWriter:
         missing = [c for c in DEAD_LETTER_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"dead letters need the columns {missing}")
-        final_dir = self._layout.dead_letter_dir
-        return self._write("_dead_letters", frame, final_dir, final_dir / ".tmp", None)
+        return self.write_frame(DEAD_LETTERS, frame)
 
     def _write(
         self,
