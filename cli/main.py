@@ -552,7 +552,11 @@ def replay_quarantine_command(
     settings, contracts = _load()
     if source not in contracts:
         _fail(f"unknown source {source!r}")
-    result = replay_quarantine(settings.data_dir, source, dry_run=dry_run)
+    lock = _holding_processor_lock(settings)  # its delete must not race quarantine appends
+    try:
+        result = replay_quarantine(settings.data_dir, source, dry_run=dry_run)
+    finally:
+        lock.release()
     verb = "would replay" if dry_run else "replayed"
     out.print(
         f"{verb} {result.rows} row(s) of {source}"

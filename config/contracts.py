@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -298,6 +298,11 @@ class SourceContract(_Strict):
             for column in [*spec.group_by, spec.value]:
                 if column not in types:
                     raise ValueError(f"gold {spec.name!r} uses undeclared field {column!r}")
+            if isinstance(spec, LatestGold) and {self.event_time, spec.value} & set(spec.group_by):
+                raise ValueError(
+                    f"gold {spec.name!r}: a latest-value table cannot group by its event time "
+                    "or its value"
+                )
             for column in spec.group_by:
                 # Null groups would never match a MERGE key: gold would silently drop them.
                 if column not in required:
@@ -403,11 +408,18 @@ def locate(text: str, loc: tuple[str | int, ...], message: str) -> int | None:
 def validate_contract_files(paths: list[Path]) -> list[str]:
     """Every problem of every contract file, one ``<file>:<line>: <problem>`` line each."""
     problems: list[str] = []
+    loaded: dict[str, SourceContract] = {}
     for path in paths:
         try:
-            load_contract_file(path)
+            contract = load_contract_file(path)
         except ContractError as exc:
             problems.extend(str(exc).splitlines())
+            continue
+        loaded[contract.name] = contract  # a later directory overrides a built-in
+    try:
+        check_gold_names(loaded.values())
+    except ContractError as exc:
+        problems.append(str(exc))
     return problems
 
 
@@ -443,4 +455,18 @@ def load_contracts(extra_dir: Path | None = None) -> ContractRegistry:
     for path in contract_files(extra_dir):
         contract = load_contract_file(path)
         contracts[contract.name] = contract
+    check_gold_names(contracts.values())
     return ContractRegistry(contracts)
+
+
+def check_gold_names(contracts: Iterable[SourceContract]) -> None:
+    """Gold tables share one namespace (``gold/<name>``): two sources may not both claim one."""
+    owner: dict[str, str] = {}
+    for contract in contracts:
+        for spec in contract.gold:
+            if spec.name in owner:
+                raise ContractError(
+                    f"gold table {spec.name!r} is declared by both {owner[spec.name]!r} and "
+                    f"{contract.name!r}; gold names must be unique across sources"
+                )
+            owner[spec.name] = contract.name

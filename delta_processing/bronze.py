@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,12 @@ import polars as pl
 import structlog
 from deltalake import DeltaTable
 
-from delta_processing.column_names import INGEST_DATE, RESERVED_COLUMNS, delta_safe_names
+from delta_processing.column_names import (
+    INGEST_DATE,
+    RESERVED_COLUMNS,
+    case_variants,
+    delta_safe_names,
+)
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.tables import (
     Layer,
@@ -76,9 +82,15 @@ class BronzeIngestor:
         limits: BronzeLimits,
         crash_points: CrashPoints,
         partitioned: frozenset[str] = frozenset(),
+        declared_fields: Mapping[str, list[str]] | None = None,
     ) -> None:
-        """``partitioned``: sources whose bronze is partitioned by ingestion date."""
+        """``partitioned``: sources whose bronze is partitioned by ingestion date.
+
+        ``declared_fields``: each source's contract field names, whose spelling wins
+        when a sender's case differs (``Value`` lands in the ``value`` column).
+        """
         self._partitioned = partitioned
+        self._declared = declared_fields or {}
         self._layout = layout
         self._store = store
         self._limits = limits
@@ -217,11 +229,13 @@ class BronzeIngestor:
 
     def _existing_spellings(self, source: str) -> dict[str, str]:
         """Lower-cased name -> spelling of the raw columns bronze already has."""
+        declared = {n.lower(): n for n in self._declared.get(source, [])}
         table = self._table(source)
         if table is None:
-            return {}
+            return declared
         names = table_columns(table)
-        return {n.lower(): n for n in names if n.lower() not in RESERVED_COLUMNS}
+        existing = {n.lower(): n for n in names if n.lower() not in RESERVED_COLUMNS}
+        return {**declared, **existing}  # the table's spelling is what it already holds
 
     def _archive(self, source: str, claim_dir: Path) -> None:
         """Move a committed claim's files out of the landing zone, then drop the claim."""
@@ -281,8 +295,8 @@ def new_stream_records(
     if not set(KAFKA_POSITION) <= set(batch.columns):
         return batch, {}
     offset = pl.col("kafka_offset").cast(pl.Int64, strict=False)
-    keyed = batch.with_columns(offset.alias("__offset")).unique(
-        subset=["kafka_topic", "kafka_partition", "__offset"], keep="first", maintain_order=True
+    keyed = batch.with_columns(offset.alias("\x01offset")).unique(
+        subset=["kafka_topic", "kafka_partition", "\x01offset"], keep="first", maintain_order=True
     )
     held = {
         (topic, partition): table.transaction_version(stream_app_id(topic, partition))
@@ -295,21 +309,21 @@ def new_stream_records(
         {
             "kafka_topic": [t for t, _ in held],
             "kafka_partition": [p for _, p in held],
-            "__held": [-1 if v is None else v for v in held.values()],
+            "\x01held": [-1 if v is None else v for v in held.values()],
         },
-        schema={"kafka_topic": pl.String, "kafka_partition": pl.String, "__held": pl.Int64},
+        schema={"kafka_topic": pl.String, "kafka_partition": pl.String, "\x01held": pl.Int64},
     )
     fresh = keyed.join(floors, on=["kafka_topic", "kafka_partition"], how="left").filter(
-        pl.col("__offset").is_null() | (pl.col("__offset") > pl.col("__held"))
+        pl.col("\x01offset").is_null() | (pl.col("\x01offset") > pl.col("\x01held"))
     )
     positions = {
         stream_app_id(topic, partition): int(top)
         for topic, partition, top in fresh.group_by("kafka_topic", "kafka_partition")
-        .agg(pl.col("__offset").max())
+        .agg(pl.col("\x01offset").max())
         .iter_rows()
         if topic is not None and partition is not None and top is not None
     }
-    return fresh.drop("__offset", "__held"), positions
+    return fresh.drop("\x01offset", "\x01held"), positions
 
 
 def claimed_name(order: int, name: str) -> str:
@@ -340,6 +354,18 @@ def free_path(directory: Path, name: str) -> Path:
     return candidate
 
 
+def merge_case_variants(raw: pl.DataFrame) -> pl.DataFrame:
+    """Fold a field spelled several ways (``ID`` / ``id``) into one column, when no
+    record uses two spellings at once; otherwise keep them apart (suffixed later)."""
+    for names in case_variants(raw.columns):
+        clash = raw.select(
+            (pl.sum_horizontal([pl.col(n).is_not_null() for n in names]) > 1).any()
+        ).item()
+        if not clash:
+            raw = raw.with_columns(pl.coalesce(names).alias(names[0])).drop(names[1:])
+    return raw
+
+
 def with_lineage(
     raw: pl.DataFrame,
     source: str,
@@ -352,7 +378,8 @@ def with_lineage(
     ``spellings`` carries the column spellings of the table and of earlier files
     of the batch (see :func:`delta_safe_names`).
     """
-    renamed = raw.rename(delta_safe_names(raw.columns, spellings))
+    renamed = merge_case_variants(raw)
+    renamed = renamed.rename(delta_safe_names(renamed.columns, spellings))
     batch_id = landing_file.split(".", 1)[0]
     return renamed.with_columns(
         pl.lit(source).alias("_source"),

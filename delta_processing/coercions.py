@@ -114,13 +114,18 @@ def parse_decimal(raw: pl.Expr, precision: int, scale: int) -> pl.Expr:
     return raw.str.strip_chars().cast(pl.Decimal(precision, scale), strict=False)
 
 
-def _as_json_text(text: str) -> str:
+def _as_json_text(text: str) -> str | None:
     # Bronze keeps JSON strings unquoted: text that is not JSON is a JSON string.
     try:
         value = json.loads(text)
     except ValueError:
         value = text
-    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        return None  # too deeply nested: "cannot parse", quarantined
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (ValueError, RecursionError):
+        return None  # NaN/Infinity have no JSON form
 
 
 def parse_json(raw: pl.Expr) -> pl.Expr:
@@ -146,26 +151,37 @@ def _parse(spec: FieldSpec, raw: pl.Expr) -> pl.Expr:
     return _PARSERS[spec.type](raw)
 
 
+# Suffix of the typed copy of a raw column while both exist. Raw names cannot contain
+# control characters (bronze replaces them), so this can never shadow a field.
+TYPED = "\x01typed"
+
+
+def raw_column(name: str, columns: list[str]) -> pl.Expr:
+    """The raw bronze column of contract field ``name`` (Delta names are case-insensitive)."""
+    by_lower = {c.lower(): c for c in columns}
+    found = by_lower.get(name.lower())
+    return pl.col(found) if found is not None else pl.lit(None, dtype=pl.String)
+
+
 def typed_columns(contract: SourceContract, columns: list[str]) -> list[pl.Expr]:
     """One expression per contract field: the field converted to its declared type."""
-    exprs = []
-    for spec in contract.fields:
-        raw = pl.col(spec.name) if spec.name in columns else pl.lit(None, dtype=pl.String)
-        exprs.append(_parse(spec, raw).cast(silver_dtype(spec)).alias(spec.name))
-    return exprs
+    return [
+        _parse(spec, raw_column(spec.name, columns)).cast(silver_dtype(spec)).alias(spec.name)
+        for spec in contract.fields
+    ]
 
 
 def violation_reasons(contract: SourceContract, columns: list[str]) -> pl.Expr:
     """``_reason``: why a row breaks the contract (``;``-joined), or null if it does not.
 
-    Must be evaluated on a frame that holds both raw columns (as ``<name>``) and
-    typed columns (as ``<name>__typed``).
+    Must be evaluated on a frame that holds both raw columns and the typed ones
+    (named ``<field>`` + :data:`TYPED`).
     """
     required = set(contract.required_fields)
     reasons = []
     for name, ftype in contract.field_types.items():
-        raw = pl.col(name) if name in columns else pl.lit(None, dtype=pl.String)
-        typed = pl.col(f"{name}__typed")
+        raw = raw_column(name, columns)
+        typed = pl.col(f"{name}{TYPED}")
         if name in required:
             reasons.append(
                 pl.when(raw.is_null()).then(pl.lit(f"{name}: required field is missing"))
@@ -197,7 +213,7 @@ def apply_contract(
     columns = bronze_rows.columns
     platform = [c for c in columns if c.lower() in PLATFORM_COLUMNS]
     raw_fields = [c for c in columns if c not in platform]
-    typed_exprs = [e.name.suffix("__typed") for e in typed_columns(contract, columns)]
+    typed_exprs = [e.name.suffix(TYPED) for e in typed_columns(contract, columns)]
     checked = bronze_rows.with_columns(typed_exprs).with_columns(
         violation_reasons(contract, columns)
     )
@@ -205,7 +221,7 @@ def apply_contract(
     rejected = checked.filter(~ok).select([*columns, REASON_COLUMN])
     raw = [pl.struct(raw_fields).alias("_raw")] if raw_fields else []
     typed = checked.filter(ok).select(
-        [pl.col(f"{name}__typed").alias(name) for name in contract.field_types]
+        [pl.col(f"{name}{TYPED}").alias(name) for name in contract.field_types]
         + [pl.col(c) for c in platform]
         + raw
     )

@@ -35,7 +35,7 @@ RESERVED_COLUMNS = PLATFORM_COLUMNS | {
 MAX_NAME_LENGTH = 255
 
 # Characters Delta forbids in names without column mapping, plus control characters.
-_INVALID_CHARS = re.compile(r"[ ,;{}()=\x00-\x1f\x7f]")
+_INVALID_CHARS = re.compile(r"[ ,;{}()=`\x00-\x1f\x7f]")
 
 
 def delta_safe_names(columns: list[str], spellings: dict[str, str]) -> dict[str, str]:
@@ -59,3 +59,16 @@ def delta_safe_names(columns: list[str], spellings: dict[str, str]) -> dict[str,
         used.add(lower)
         mapping[column] = spellings.setdefault(lower, candidate)
     return mapping
+
+
+def case_variants(columns: list[str]) -> list[list[str]]:
+    """Groups of raw field names that Delta would store as the same column.
+
+    (``Unit`` and ``unit``, or ``a b`` and ``a_b``): one sender spelling a field
+    two ways in one batch.
+    """
+    groups: dict[str, list[str]] = {}
+    for column in columns:
+        base = (_INVALID_CHARS.sub("_", column)[:MAX_NAME_LENGTH] or "_blank").lower()
+        groups.setdefault(base, []).append(column)
+    return [names for names in groups.values() if len(names) > 1]

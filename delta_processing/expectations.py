@@ -14,6 +14,11 @@ import polars as pl
 from config.contracts import ContractError, Expectation, SourceContract
 
 REASON_COLUMN = "_reason"
+# Working columns: a control character no raw field name can contain (bronze strips them).
+WORK = "\x01"
+QUARANTINE_FLAG = f"{WORK}quarantine"
+DROP_FLAG = f"{WORK}drop"
+WARN_FLAG = f"{WORK}warn"
 
 
 class ExpectationFailed(RuntimeError):
@@ -34,9 +39,9 @@ class ExpectationOutcome:
         if self.checks.is_empty():
             return {}, 0, 0
         rows = self.checks.filter(pl.col("_commit_version") >= since_version)
-        names = [c for c in rows.columns if c not in ("_commit_version", "__warn", "__drop")]
+        names = [c for c in rows.columns if c not in ("_commit_version", WARN_FLAG, DROP_FLAG)]
         failed = {name: int(rows[name].sum()) for name in names}
-        return failed, int(rows["__warn"].sum()), int(rows["__drop"].sum())
+        return failed, int(rows[WARN_FLAG].sum()), int(rows[DROP_FLAG].sum())
 
 
 def passes(expectation: Expectation, schema: pl.Schema) -> pl.Expr:
@@ -88,11 +93,20 @@ def evaluate(rows: pl.DataFrame, contract: SourceContract) -> ExpectationOutcome
     expectations = contract.expectations
     if not expectations or rows.is_empty():
         return ExpectationOutcome(kept=rows, quarantined=rows.clear())
-    flags = [f"__pass_{i}" for i in range(len(expectations))]
+    flags = [f"{WORK}pass_{i}" for i in range(len(expectations))]
     schema = rows.schema
-    checked = rows.with_columns(
-        passes(e, schema).alias(flag) for e, flag in zip(expectations, flags, strict=True)
-    )
+    checked = rows
+    errors: dict[str, pl.Series] = {}  # per rule that erred: the error of each row, or null
+    for expectation, flag in zip(expectations, flags, strict=True):
+        rule = passes(expectation, schema)
+        try:
+            checked = checked.with_columns(rule.alias(flag))
+        except Exception:
+            # The rule cannot run on some rows (a CAST in a predicate, say): judge row by
+            # row, failing just those, instead of stopping the source forever.
+            verdicts, messages = _row_by_row(rows, rule)
+            errors[expectation.name] = messages
+            checked = checked.with_columns(verdicts.alias(flag))
     failed = {
         e.name: int(checked.height - checked[flag].sum())
         for e, flag in zip(expectations, flags, strict=True)
@@ -111,9 +125,16 @@ def evaluate(rows: pl.DataFrame, contract: SourceContract) -> ExpectationOutcome
         ]
         return pl.any_horizontal(selected) if selected else pl.lit(False)
 
+    def reason(e: Expectation) -> pl.Expr:
+        failed_text = pl.lit(f"expectation {e.name} failed: {e.describe()}")
+        if e.name not in errors:
+            return failed_text
+        erred = pl.lit(f"expectation {e.name} could not be evaluated: ") + pl.lit(errors[e.name])
+        return pl.when(pl.lit(errors[e.name]).is_not_null()).then(erred).otherwise(failed_text)
+
     reasons = pl.concat_str(
         [
-            pl.when(~pl.col(flag)).then(pl.lit(f"expectation {e.name} failed: {e.describe()}"))
+            pl.when(~pl.col(flag)).then(reason(e))
             for e, flag in zip(expectations, flags, strict=True)
             if e.action == "quarantine"
         ]
@@ -124,22 +145,38 @@ def evaluate(rows: pl.DataFrame, contract: SourceContract) -> ExpectationOutcome
     to_quarantine = broken("quarantine")
     to_drop = broken("drop") & ~to_quarantine
     marked = checked.with_columns(
-        to_quarantine.alias("__quarantine"),
-        to_drop.alias("__drop"),
-        (broken("warn") & ~to_quarantine & ~to_drop).alias("__warn"),
+        to_quarantine.alias(QUARANTINE_FLAG),
+        to_drop.alias(DROP_FLAG),
+        (broken("warn") & ~to_quarantine & ~to_drop).alias(WARN_FLAG),
         reasons.alias(REASON_COLUMN),
     )
-    helper_columns = [*flags, "__quarantine", "__drop", "__warn"]
+    helper_columns = [*flags, QUARANTINE_FLAG, DROP_FLAG, WARN_FLAG]
     checks = marked.select(
         pl.col("_commit_version"),
         *[(~pl.col(f)).alias(e.name) for e, f in zip(expectations, flags, strict=True)],
-        pl.col("__warn"),
-        pl.col("__drop"),
+        pl.col(WARN_FLAG),
+        pl.col(DROP_FLAG),
     )
     return ExpectationOutcome(
-        kept=marked.filter(~pl.col("__quarantine") & ~pl.col("__drop")).drop(
+        kept=marked.filter(~pl.col(QUARANTINE_FLAG) & ~pl.col(DROP_FLAG)).drop(
             [*helper_columns, REASON_COLUMN]
         ),
-        quarantined=marked.filter(pl.col("__quarantine")).drop(helper_columns),
+        quarantined=marked.filter(pl.col(QUARANTINE_FLAG)).drop(helper_columns),
         checks=checks,
     )
+
+
+def _row_by_row(rows: pl.DataFrame, rule: pl.Expr) -> tuple[pl.Series, pl.Series]:
+    """Evaluate ``rule`` one row at a time: (passes, error message or null) per row."""
+    verdicts: list[bool] = []
+    messages: list[str | None] = []
+    for index in range(rows.height):
+        try:
+            verdict = rows.slice(index, 1).select(rule).item()
+        except Exception as exc:
+            verdicts.append(False)
+            messages.append(str(exc).splitlines()[0])
+            continue
+        verdicts.append(verdict is not False)
+        messages.append(None)
+    return pl.Series(verdicts, dtype=pl.Boolean), pl.Series(messages, dtype=pl.String)

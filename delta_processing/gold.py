@@ -70,6 +70,8 @@ def window_schema(spec: WindowGold, contract: SourceContract) -> pl.Schema:
     for aggregate in spec.aggregates:
         if aggregate == "count":
             columns[aggregate] = pl.Int64()
+        elif aggregate == "sum" and isinstance(value_type, pl.Decimal):
+            columns[aggregate] = pl.Decimal(38, value_type.scale or 0)  # room for the total
         elif aggregate in ("min", "max", "sum", "first", "last"):
             columns[aggregate] = value_type
         else:  # avg, stddev, percentiles
@@ -128,7 +130,7 @@ def latest_values(
 ) -> pl.DataFrame:
     """The row with the greatest event time per group (pure; the reference for gold)."""
     return (
-        rows.sort(event_time)
+        rows.sort([event_time, *[c for c in rows.columns if c not in (event_time, spec.value)]])
         .group_by(spec.group_by, maintain_order=True)
         .last()
         .select([pl.col(n).cast(t) for n, t in schema.items()])

@@ -104,7 +104,8 @@ class Processor:
         partitioned = frozenset(
             name for name, c in contracts.items() if c.partitioning.bronze == "ingest_date"
         )
-        self._bronze = BronzeIngestor(self._layout, store, limits, crash, partitioned)
+        declared = {name: list(c.field_types) for name, c in contracts.items()}
+        self._bronze = BronzeIngestor(self._layout, store, limits, crash, partitioned, declared)
         self._silver = SilverPromoter(store, crash)
         self._gold = GoldRefresher(store, crash)
         self._lock = ProcessorLock(settings.data_dir)

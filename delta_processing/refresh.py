@@ -123,9 +123,18 @@ def backfill(
     silver = store.open("silver", source)
     if bronze is None or silver is None:
         raise RefreshRefused(f"source {source!r} has no bronze and silver tables yet")
-    consumed = silver.transaction_version(SILVER_APP_ID)
-    if consumed is None:
-        raise RefreshRefused(f"silver/{source} has consumed nothing yet")
+    # Only versions every sink has consumed: a batch one sink is still missing is
+    # the processor's to finish (it redoes it with its original bounds).
+    quarantine = store.open("quarantine", source)
+    quality = store.open(QUALITY_LAYER, QUALITY_TABLE)
+    sinks = [
+        silver.transaction_version(SILVER_APP_ID),
+        None if quarantine is None else quarantine.transaction_version(QUARANTINE_APP_ID),
+        None if quality is None else quality.transaction_version(quality_app_id(source)),
+    ]
+    if any(v is None for v in sinks):
+        raise RefreshRefused(f"silver/{source} has not consumed bronze in every sink yet")
+    consumed = min(v for v in sinks if v is not None)
     changes = (
         read_changes(bronze, 0, consumed)
         .filter(pl.col("_change_type") == "insert")
@@ -145,9 +154,11 @@ def backfill(
             ).when_not_matched_insert_all(),
             note,
         )
-    quarantine = store.open("quarantine", source)
     if quarantine is not None:
-        window = f"_ingested_at >= '{start.isoformat()}' AND _ingested_at < '{end.isoformat()}'"
+        window = (
+            f"_ingested_at >= '{start.isoformat()}' AND _ingested_at < '{end.isoformat()}' "
+            f"AND _bronze_version <= {consumed}"
+        )
         write_deltalake(
             quarantine,
             to_arrow(quarantine_rows(batch.quarantined)),

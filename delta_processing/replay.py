@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 import structlog
 
-from delta_processing.column_names import LINEAGE_COLUMNS, QUARANTINE_COLUMNS
+from delta_processing.column_names import RESERVED_COLUMNS
 from delta_processing.tables import TableStore, sync_latest_commit
 from landing_zone.layout import LandingLayout, fsync_directory
 from landing_zone.writer import LandingWriter
@@ -79,8 +79,7 @@ def replay_quarantine(data_dir: Path, source: str, *, dry_run: bool = False) -> 
         fsync_directory(intent_path.parent)
 
     layout = LandingLayout(data_dir)
-    platform = {*LINEAGE_COLUMNS, *QUARANTINE_COLUMNS}
-    raw = selected.select([c for c in selected.columns if c not in platform])
+    raw = selected.select([c for c in selected.columns if c.lower() not in RESERVED_COLUMNS])
     if not selected.is_empty() and not _batch_exists(layout, data_dir, source, batch_id):
         LandingWriter(layout).write_frame(source, raw, batch_id=batch_id)
     if not selected.is_empty():

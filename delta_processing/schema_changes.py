@@ -14,7 +14,7 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.schema import Field
 
-from delta_processing.tables import sync_latest_commit, to_arrow
+from delta_processing.tables import REFRESH_MARK, sync_latest_commit, to_arrow
 
 log = structlog.get_logger(__name__)
 
@@ -65,7 +65,9 @@ def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> Delta
         mode="overwrite",
         schema_mode="overwrite",
         commit_properties=CommitProperties(
-            custom_metadata={"lakehouse.widened": ", ".join(sorted(changed))}
+            # Marked as a refresh: gold rebuilds with the wider types instead of
+            # casting new values down into its old columns.
+            custom_metadata={"lakehouse.widened": ", ".join(sorted(changed)), REFRESH_MARK: "widen"}
         ),
     )
     sync_latest_commit(table)

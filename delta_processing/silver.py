@@ -176,12 +176,14 @@ def build_batch(changes: pl.DataFrame, contract: SourceContract) -> SilverBatch:
     """
     typed, rejected = apply_contract(with_arrival(changes), contract)
     evolved = apply_evolution(typed, contract)
-    outcome = evaluate(evolved.rows, contract)
+    # Expectations judge each key's winning version: a retried record is not a
+    # uniqueness violation, and superseded versions never reach silver anyway.
+    outcome = evaluate(latest_per_key(evolved.rows, contract), contract)
     quarantined = pl.concat(
         [rejected, _unpack_raw(evolved.rejected), _unpack_raw(outcome.quarantined)],
         how="diagonal_relaxed",
     )
-    passed = latest_per_key(outcome.kept, contract)
+    passed = outcome.kept
     if silver_partitions(contract):
         passed = passed.with_columns(pl.col(contract.event_time).dt.date().alias(EVENT_DATE))
     return SilverBatch(changes, rejected, evolved, outcome, quarantined, passed)

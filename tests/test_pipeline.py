@@ -283,8 +283,10 @@ def test_hostile_field_names_never_block_a_source(settings: Settings) -> None:
     _write(settings, [{**_reading(3, 3.0), "UNIT": "K"}])
     assert processor.run_once().failures == []
     bronze = _table(settings, "bronze")
-    assert [c for c in bronze.columns if c.lower() == "unit"] == ["Unit"]
-    assert sorted(bronze["Unit"].to_list()) == ["C", "F", "K"]
+    # The contract's spelling wins, whatever case senders use.
+    assert [c for c in bronze.columns if c.lower() == "unit"] == ["unit"]
+    assert sorted(bronze["unit"].to_list()) == ["C", "F", "K"]
+    assert sorted(_table(settings, "silver")["unit"].to_list()) == ["C", "F", "K"]
     assert {"_change_type_1", "_REASON_1", "_commit_version_1", "_"} <= set(bronze.columns)
     assert _table(settings, "silver").height == 3
     assert pl.read_delta(str(settings.data_dir / "gold" / "readings_hourly")).height == 1
@@ -360,3 +362,37 @@ def test_hand_dropped_files_keep_their_arrival_order(settings: Settings) -> None
     assert bronze["_landing_file"].to_list()[:2] == ["z_first.ndjson", "a_second.ndjson"]
     archived = {p.name for p in (settings.data_dir / "archive").rglob("*.ndjson")}
     assert archived == {"z_first.ndjson", "a_second.ndjson"}
+
+
+def test_review_regressions_case_retries_json_and_predicates(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Wrong-cased fields, a retried record with a `unique` rule, an unparseable json
+    field and a predicate that errors on the data: none may block the source."""
+    contracts_dir = tmp_path / "contracts"
+    contracts_dir.mkdir()
+    (contracts_dir / "things.toml").write_text(
+        'name = "things"\nkeys = ["id"]\nevent_time = "ts"\n'
+        '[[fields]]\nname = "id"\ntype = "string"\n'
+        '[[fields]]\nname = "ts"\ntype = "timestamp"\nrequired = true\n'
+        '[[fields]]\nname = "code"\ntype = "string"\n'
+        '[[fields]]\nname = "meta"\ntype = "json"\n'
+        '[[expectations]]\nname = "one_id"\nkind = "unique"\ncolumn = "id"\n'
+        '[[expectations]]\nname = "small_code"\nkind = "predicate"\n'
+        'predicate = "CAST(code AS INTEGER) < 100"\n'
+    )
+    processor = Processor(settings, load_contracts(contracts_dir))
+    writer = LandingWriter(LandingLayout(settings.data_dir))
+    rows = [
+        {"ID": "a", "TS": "2026-11-20T10:00:00Z", "code": "1"},
+        {"id": "a", "ts": "2026-11-20T10:00:00Z", "code": "1"},  # client retry
+        {"id": "b", "ts": "2026-11-20T10:00:00Z", "meta": "NaN"},
+        {"id": "c", "ts": "2026-11-20T10:00:00Z", "code": "abc"},
+    ]
+    writer.write_frame("things", decode_batch(_ndjson(rows), "ndjson"))
+    report = processor.run_once()
+    assert report.failures == []
+    assert _table(settings, "silver", "things")["id"].to_list() == ["a"]
+    reasons = dict(_table(settings, "quarantine", "things").select("id", "_reason").iter_rows())
+    assert reasons["b"] == "meta: cannot parse 'NaN' as json"
+    assert reasons["c"].startswith("expectation small_code could not be evaluated:")
