@@ -202,3 +202,25 @@ def test_quality_command_shows_batches(tmp_path: Path) -> None:
     result = _cli(tmp_path, "quality", "readings")
     assert result.returncode == 0, result.stderr
     assert "readings" in result.stdout and "_contract=1" in result.stdout.replace("\n", "")
+
+
+def test_gold_names_must_be_unique_across_sources(tmp_path: Path) -> None:
+    contracts = tmp_path / "contracts"
+    contracts.mkdir()
+    builtin = (REPO / "config" / "sources" / "readings.toml").read_text()
+    (contracts / "readings2.toml").write_text(
+        builtin.replace('name = "readings"', 'name = "readings2"')
+    )
+    with pytest.raises(ContractError, match="'readings_hourly' is declared by both"):
+        load_contracts(contracts)
+    result = _cli(tmp_path, "sources", "validate", LAKEHOUSE_CONTRACTS_DIR=str(contracts))
+    assert result.returncode == 1 and "declared by both 'readings' and 'readings2'" in result.stderr
+
+
+def test_latest_tables_cannot_group_by_their_time_or_value(tmp_path: Path) -> None:
+    path = tmp_path / "readings.toml"
+    text = (REPO / "config" / "sources" / "readings.toml").read_text()
+    path.write_text(text.replace('kind = "latest"\ngroup_by = ["device_id", "sensor"]',
+                                 'kind = "latest"\ngroup_by = ["device_id", "ts"]'))  # fmt: skip
+    with pytest.raises(ContractError, match="cannot group by its event time"):
+        load_contract_file(path)
