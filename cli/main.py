@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import structlog
 import typer
-from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.contracts import ContractError, ContractRegistry, load_contracts
+from cli.bridges import bridge_app, start_bridges
+from cli.common import check_contracts, err, fail, load, out
+from config.contracts import ContractError, ContractRegistry
 from config.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -33,62 +33,17 @@ sources_app = typer.Typer(help="Source contracts: list them, or validate every c
 app.add_typer(sources_app, name="sources")
 retention_app = typer.Typer(help="Expire old rows per layer.", no_args_is_help=True)
 app.add_typer(retention_app, name="retention")
+app.add_typer(bridge_app, name="bridge")
 replay_app = typer.Typer(
     help="Send set-aside rows back through the pipeline.", no_args_is_help=True
 )
 app.add_typer(replay_app, name="replay")
-
-err = Console(stderr=True)
-out = Console()
 
 
 class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
-        ],
-    )
-
-
-def _load(**overrides: object) -> tuple[Settings, ContractRegistry]:
-    """Validated settings and contracts, or a clear error and exit code 2."""
-    try:
-        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
-        contracts = load_contracts(settings.contracts_dir)
-        check_contracts(contracts)
-    except (SettingsError, ContractError) as exc:
-        _fail(str(exc))
-    _configure_logging(settings.log_level)
-    return settings, contracts
-
-
-def check_contracts(contracts: ContractRegistry) -> None:
-    """Raise ContractError if an expectation of any contract cannot run on its typed rows."""
-    import polars as pl
-
-    from delta_processing.coercions import contract_dtypes
-    from delta_processing.expectations import check_expectations
-
-    for contract in contracts.values():
-        check_expectations(contract, pl.Schema(contract_dtypes(contract)))
 
 
 def _ensure_admin_token(settings: Settings) -> None:
@@ -136,7 +91,7 @@ def up(
     """Run everything in one process: the API and the processor, on the local data dir."""
     from delta_processing.processor import Processor, ProcessorLockedError
 
-    settings, contracts = _load(api_host=host, api_port=port)
+    settings, contracts = load(api_host=host, api_port=port)
     _ensure_admin_token(settings)
     processor = Processor(settings, contracts)
     stop = threading.Event()
@@ -157,20 +112,27 @@ def up(
         if failure or not worker.is_alive():
             reason = failure[0] if failure else "processor thread stopped"
             if isinstance(reason, ProcessorLockedError):
-                _fail(str(reason), code=1)
-            _fail(f"processor failed to start: {reason}", code=1)
+                fail(str(reason), code=1)
+            fail(f"processor failed to start: {reason}", code=1)
+    bridges = start_bridges(settings, stop)
     err.print(
         f"lakehouse up: API on http://{settings.api_host}:{settings.api_port} "
         f"(docs at /docs), data in {settings.data_dir}"
+        + (
+            f", bridges: {', '.join(t.name.removeprefix('lakehouse-') for t in bridges)}"
+            if bridges
+            else ""
+        )
     )
     try:
         _serve(settings, contracts)
     finally:
-        stop.set()
+        stop.set()  # bridges flush their open batch; the processor finishes its cycle
         processor.wake.set()
-        worker.join(timeout=30)
+        for thread in [*bridges, worker]:
+            thread.join(timeout=30)
     if failure:
-        _fail(f"processor stopped: {failure[0]}", code=1)
+        fail(f"processor stopped: {failure[0]}", code=1)
 
 
 @app.command()
@@ -179,7 +141,7 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
 ) -> None:
     """Run only the ingestion/query API."""
-    settings, contracts = _load(api_host=host, api_port=port)
+    settings, contracts = load(api_host=host, api_port=port)
     _serve(settings, contracts)
 
 
@@ -194,7 +156,7 @@ def process(
 
     from delta_processing.processor import Processor, ProcessorLockedError
 
-    settings, contracts = _load()
+    settings, contracts = load()
     processor = Processor(settings, contracts)
     try:
         if once:
@@ -204,7 +166,7 @@ def process(
                 f"{len(report.silver)}, gold refreshes: {len(report.gold)}"
             )
             if report.failures:
-                _fail("; ".join(report.failures), code=1)
+                fail("; ".join(report.failures), code=1)
             return
         stop = threading.Event()
 
@@ -216,7 +178,7 @@ def process(
         signal.signal(signal.SIGINT, on_signal)
         processor.run_forever(stop)
     except ProcessorLockedError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
 
 
 @app.command()
@@ -230,12 +192,12 @@ def sql(
     from analytics.query import QueryError, QueryLimits, run_query
     from analytics.results import rows_json, to_frame
 
-    settings, _ = _load()
+    settings, _ = load()
     limits = QueryLimits.from_settings(settings)
     try:
         result = run_query(settings.data_dir, query, limits)
     except QueryError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     if output is OutputFormat.json:
         sys.stdout.write(rows_json(result) + "\n")
         return
@@ -255,7 +217,7 @@ def tables() -> None:
     """List every Delta table with its version, files and rows."""
     from analytics.catalog import snapshot_tables
 
-    settings, _ = _load()
+    settings, _ = load()
     table = Table("table", "version", "files", "rows", "columns")
     for snap in snapshot_tables(settings.data_dir):
         rows = snap.table.count()
@@ -274,7 +236,7 @@ def sources_list(ctx: typer.Context) -> None:
     """List every source with its contract (fields, keys, sequence, expectations, gold)."""
     if ctx.invoked_subcommand is not None:
         return
-    _, contracts = _load()
+    _, contracts = load()
     table = Table("source", "fields", "keys", "event time", "sequence", "expectations", "gold")
     for contract in contracts.values():
         fields = ", ".join(
@@ -302,9 +264,9 @@ def sources_validate() -> None:
     try:
         settings = load_settings()
     except SettingsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if settings.contracts_dir is not None and not settings.contracts_dir.is_dir():
-        _fail(f"{settings.contracts_dir}: contracts directory does not exist")
+        fail(f"{settings.contracts_dir}: contracts directory does not exist")
     files = contract_files(settings.contracts_dir)
     problems = validate_contract_files(files)
     for path in files:  # rules that need the typed schema (SQL predicates)
@@ -331,7 +293,7 @@ def quality(
     """Show per-batch data-quality metrics (rows in, passed, warned, dropped, quarantined)."""
     from analytics.quality import read_quality
 
-    settings, _ = _load()
+    settings, _ = load()
     frame = read_quality(settings.data_dir, source, last)
     table = Table(
         "source", "bronze v", "evaluated at", "in", "passed", "warned", "dropped",
@@ -368,7 +330,7 @@ def _holding_processor_lock(settings: Settings) -> ProcessorLock:
     try:
         lock.acquire()
     except ProcessorLockedError as exc:
-        _fail(f"{exc} (stop `lakehouse up`/`process` first)", code=1)
+        fail(f"{exc} (stop `lakehouse up`/`process` first)", code=1)
     return lock
 
 
@@ -388,23 +350,23 @@ def refresh(
     from delta_processing.refresh import refresh as rebuild
     from delta_processing.tables import TableStore
 
-    settings, contracts = _load()
+    settings, contracts = load()
     layer, _, name = table.partition("/")
     if layer == "silver" and name in contracts:
         contract, target = contracts[name], "silver"
     elif layer == "gold":
         owner = next((c for c in contracts.values() if any(g.name == name for g in c.gold)), None)
         if owner is None:
-            _fail(f"no declared gold table {name!r}")
+            fail(f"no declared gold table {name!r}")
         contract, target = owner, name
     else:
-        _fail(f"cannot refresh {table!r}: use silver/<source> or gold/<table>")
+        fail(f"cannot refresh {table!r}: use silver/<source> or gold/<table>")
     lock = _holding_processor_lock(settings)
     try:
         with _spinner(f"rebuilding {table}"):
             result = rebuild(TableStore(settings.data_dir), contract, target)
     except RefreshRefused as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     finally:
         lock.release()
     out.print(
@@ -423,18 +385,18 @@ def backfill(
     from delta_processing.refresh import backfill as reprocess
     from delta_processing.tables import TableStore
 
-    settings, contracts = _load()
+    settings, contracts = load()
     if source not in contracts:
-        _fail(f"unknown source {source!r}")
+        fail(f"unknown source {source!r}")
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     if end <= start:
-        _fail("--to must be after --from")
+        fail("--to must be after --from")
     lock = _holding_processor_lock(settings)
     try:
         with _spinner(f"backfilling {source}"):
             result = reprocess(TableStore(settings.data_dir), contracts[source], start, end)
     except RefreshRefused as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     finally:
         lock.release()
     out.print(f"backfilled {source}: {result.rows} row(s) upserted into silver")
@@ -445,7 +407,7 @@ def _parse_table(reference: str) -> tuple[Layer, str]:
 
     layer, _, name = reference.partition("/")
     if layer not in LAYERS or not name:
-        _fail(f"{reference!r} is not <layer>/<table> with layer one of {', '.join(LAYERS)}")
+        fail(f"{reference!r} is not <layer>/<table> with layer one of {', '.join(LAYERS)}")
     return layer, name
 
 
@@ -463,7 +425,7 @@ def optimize(
     from delta_processing.maintenance import compact, policy_for
     from delta_processing.tables import TableStore
 
-    settings, contracts = _load()
+    settings, contracts = load()
     store = TableStore(settings.data_dir)
     policy = policy_for(settings)
     lock = _holding_processor_lock(settings)
@@ -471,7 +433,7 @@ def optimize(
         with _spinner("optimizing"):
             if table is None:
                 if zorder:
-                    _fail("--zorder needs a table")
+                    fail("--zorder needs a table")
                 reports = maintain_all(store, contracts, policy)
                 lines = [f"{r.layer}/{r.name}: {r.compaction.files_removed} -> "
                          f"{r.compaction.files_added} file(s)" for r in reports]  # fmt: skip
@@ -479,7 +441,7 @@ def optimize(
                 layer, name = _parse_table(table)
                 target = store.open(layer, name)
                 if target is None:
-                    _fail(f"no table {table}")
+                    fail(f"no table {table}")
                 result = compact(target, policy, zorder=zorder or None)
                 lines = [f"{table}: {result.files_removed} -> {result.files_added} file(s)"]
     finally:
@@ -500,7 +462,7 @@ def vacuum(
     from delta_processing.maintenance import policy_for
     from delta_processing.tables import TableStore
 
-    settings, contracts = _load()
+    settings, contracts = load()
     store = TableStore(settings.data_dir)
     targets = list(all_tables(store)) if table is None else [_parse_table(table)]
     lock = _holding_processor_lock(settings)
@@ -523,7 +485,7 @@ def retention_apply() -> None:
     from delta_processing.retention import RetentionPolicy, apply_retention
     from delta_processing.tables import TableStore
 
-    settings, contracts = _load()
+    settings, contracts = load()
     lock = _holding_processor_lock(settings)
     try:
         with _spinner("expiring old rows"):
@@ -549,9 +511,9 @@ def replay_quarantine_command(
     """Replay quarantined rows of a source (after fixing its contract), exactly once."""
     from delta_processing.replay import replay_quarantine
 
-    settings, contracts = _load()
+    settings, contracts = load()
     if source not in contracts:
-        _fail(f"unknown source {source!r}")
+        fail(f"unknown source {source!r}")
     lock = _holding_processor_lock(settings)  # its delete must not race quarantine appends
     try:
         result = replay_quarantine(settings.data_dir, source, dry_run=dry_run)
@@ -577,11 +539,11 @@ def tokens_create(
     """Create a token; its secret is printed once, as the only line on stdout."""
     from api.tokens import TokenError, TokenStore
 
-    settings, _ = _load()
+    settings, _ = load()
     try:
         secret = TokenStore(settings.tokens_file).create(name, scope)
     except TokenError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     sys.stdout.write(secret + "\n")
 
 
@@ -590,7 +552,7 @@ def tokens_list() -> None:
     """List tokens (name, scopes, creation time; never secrets)."""
     from api.tokens import TokenStore, describe
 
-    settings, _ = _load()
+    settings, _ = load()
     table = Table("name", "scopes", "created_at")
     for record in TokenStore(settings.tokens_file).records():
         summary = describe(record)

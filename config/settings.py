@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(
         3600.0, gt=0, description="How often the processor compacts, checkpoints and expires."
     )
+    mqtt_config: Path | None = Field(
+        None, description="TOML/JSON file of the MQTT bridge (`lakehouse up` starts it if set)."
+    )
+    kafka_config: Path | None = Field(
+        None, description="TOML/JSON file of the Kafka bridge (`lakehouse up` starts it if set)."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     crash_at: str | None = Field(
         None,

@@ -1,0 +1,109 @@
+"""`lakehouse bridge mqtt|kafka`: the streaming writers, and starting them inside `up`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import structlog
+import typer
+from pydantic import BaseModel, ValidationError
+
+from cli.common import fail, load
+from config.settings import Settings
+from landing_zone.layout import LandingLayout
+from landing_zone.writer import LandingWriter
+
+bridge_app = typer.Typer(help="Streaming writers into the landing zone.", no_args_is_help=True)
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
+log = structlog.get_logger(__name__)
+
+
+def load_config_file(path: Path, model: type[ConfigModel]) -> ConfigModel:
+    """A bridge configuration from a TOML or JSON file; errors name the file and field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        return model.model_validate(raw)
+    except OSError as exc:
+        fail(f"{path}: cannot read bridge configuration: {exc.strerror}")
+    except (ValueError, tomllib.TOMLDecodeError) as exc:  # ValidationError is a ValueError
+        if isinstance(exc, ValidationError):
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<file>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            fail(f"{path}: invalid bridge configuration: {problems}")
+        fail(f"{path}: invalid bridge configuration: {exc}")
+
+
+def landing_backlog(layout: LandingLayout) -> Callable[[], int]:
+    """Files waiting in the landing zone (the Kafka bridge pauses above its bound)."""
+
+    def count() -> int:
+        return sum(len(layout.pending_files(s)) for s in layout.sources_with_files())
+
+    return count
+
+
+def bridge_runners(settings: Settings) -> dict[str, Callable[[threading.Event], None]]:
+    """The configured bridges, each as ``run(stop)``; empty if none is configured."""
+    layout = LandingLayout(settings.data_dir)
+    runners: dict[str, Callable[[threading.Event], None]] = {}
+    if settings.mqtt_config is not None:
+        from landing_zone.mqtt_bridge import MqttBridge, MqttBridgeConfig
+
+        mqtt = MqttBridge(load_config_file(settings.mqtt_config, MqttBridgeConfig),
+                          LandingWriter(layout))  # fmt: skip
+        runners["mqtt"] = mqtt.run
+    if settings.kafka_config is not None:
+        from landing_zone.kafka_bridge import KafkaBridge, KafkaBridgeConfig
+
+        kafka = KafkaBridge(load_config_file(settings.kafka_config, KafkaBridgeConfig),
+                            LandingWriter(layout), landing_backlog(layout))  # fmt: skip
+        runners["kafka"] = kafka.run
+    return runners
+
+
+def start_bridges(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+    """Start every configured bridge in a thread of this process (for `lakehouse up`)."""
+    threads = []
+    for name, run in bridge_runners(settings).items():
+        thread = threading.Thread(target=run, args=(stop,), name=f"lakehouse-{name}", daemon=True)
+        thread.start()
+        log.info("bridge.started", bridge=name)
+        threads.append(thread)
+    return threads
+
+
+def _run_one(name: str, config: Path | None) -> None:
+    overrides: dict[str, object] = {f"{name}_config": config} if config else {}
+    settings, _ = load(**overrides)
+    runner = bridge_runners(settings).get(name)
+    if runner is None:
+        fail(f"no {name} bridge configured: pass --config or set LAKEHOUSE_{name.upper()}_CONFIG")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # flush the open batch, then exit
+        signal.signal(signum, lambda *_: stop.set())
+    runner(stop)
+
+
+@bridge_app.command("mqtt")
+def bridge_mqtt(
+    config: Annotated[Path | None, typer.Option(help="TOML/JSON bridge configuration.")] = None,
+) -> None:
+    """Subscribe to MQTT topics (QoS 1, persistent session) and land the messages."""
+    _run_one("mqtt", config)
+
+
+@bridge_app.command("kafka")
+def bridge_kafka(
+    config: Annotated[Path | None, typer.Option(help="TOML/JSON bridge configuration.")] = None,
+) -> None:
+    """Consume Kafka topics as a consumer group and land the messages."""
+    _run_one("kafka", config)

@@ -1,0 +1,60 @@
+"""What every `lakehouse` command shares: consoles, errors, logging, loading settings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import NoReturn
+
+import structlog
+import typer
+from rich.console import Console
+
+from config.contracts import ContractError, ContractRegistry, load_contracts
+from config.settings import Settings, SettingsError, load_settings
+
+err = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
+def load(**overrides: object) -> tuple[Settings, ContractRegistry]:
+    """Validated settings and contracts, or a clear error and exit code 2."""
+    try:
+        settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        contracts = load_contracts(settings.contracts_dir)
+        check_contracts(contracts)
+    except (SettingsError, ContractError) as exc:
+        fail(str(exc))
+    configure_logging(settings.log_level)
+    return settings, contracts
+
+
+def check_contracts(contracts: ContractRegistry) -> None:
+    """Raise ContractError if an expectation of any contract cannot run on its typed rows."""
+    import polars as pl
+
+    from delta_processing.coercions import contract_dtypes
+    from delta_processing.expectations import check_expectations
+
+    for contract in contracts.values():
+        check_expectations(contract, pl.Schema(contract_dtypes(contract)))
