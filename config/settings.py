@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         description="Accept data for sources without a contract: it lands in bronze (raw) "
         "until a contract is declared, then silver is built from all of bronze.",
     )
+    file_settle_ms: int = Field(
+        1000,
+        ge=0,
+        description="Hand-dropped landing files are read once unchanged this long.",
+    )
     batch_max_files: int = Field(1000, ge=1, description="Landing files per bronze micro-batch.")
     batch_max_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Landing bytes per bronze micro-batch."

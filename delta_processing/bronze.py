@@ -70,6 +70,7 @@ class BronzeLimits:
     max_files: int
     max_bytes: int
     max_file_bytes: int
+    settle_s: float = 0.0  # hand-dropped files must be unchanged this long
 
 
 class BronzeIngestor:
@@ -112,7 +113,7 @@ class BronzeIngestor:
 
     def ingest_next(self, source: str) -> BronzeBatchResult | None:
         """Claim and append the next micro-batch of ``source``; ``None`` when nothing waits."""
-        files = self._select(self._layout.pending_files(source))
+        files = self._select(self._layout.pending_files(source, self._limits.settle_s))
         if not files:
             return None
         committed = consumed_version(self._table(source), BRONZE_APP_ID) or 0

@@ -100,6 +100,7 @@ class Processor:
             max_files=settings.batch_max_files,
             max_bytes=settings.batch_max_bytes,
             max_file_bytes=settings.max_body_bytes,
+            settle_s=settings.file_settle_ms / 1000,
         )
         partitioned = frozenset(
             name for name, c in contracts.items() if c.partitioning.bronze == "ingest_date"
@@ -168,10 +169,22 @@ class Processor:
                  expired=[r.table for r in expired])  # fmt: skip
 
     def run_once(self) -> CycleReport:
-        """Take the lock, drain everything once, release (for `lakehouse process --once`)."""
+        """Take the lock, drain everything, release (for `lakehouse process --once`).
+
+        Hand-dropped files still settling are waited for, so none is left behind.
+        """
         self._lock.acquire()
         try:
-            return self.run_cycle()
+            report = self.run_cycle()
+            settle_s = self._settings.file_settle_ms / 1000
+            while self._layout.has_unsettled_files(settle_s):  # a copy may still be running
+                time.sleep(max(settle_s / 4, 0.05))
+                more = self.run_cycle()
+                report.bronze += more.bronze
+                report.silver += more.silver
+                report.gold += more.gold
+                report.failures += more.failures
+            return report
         finally:
             self._lock.release()
 
@@ -195,7 +208,11 @@ class Processor:
                     # In this thread, between micro-batches: never races a pipeline commit.
                     self.housekeeping()
                     next_housekeeping = time.monotonic() + self._settings.maintenance_interval_s
-                self.wake.wait(timeout=backoff or self._settings.rescan_interval_s)
+                timeout = backoff or self._settings.rescan_interval_s
+                settle_s = self._settings.file_settle_ms / 1000
+                if self._layout.has_unsettled_files(settle_s):
+                    timeout = min(timeout, max(settle_s, 0.05))  # look again once settled
+                self.wake.wait(timeout=timeout)
                 if stop.is_set():
                     break
                 # Gather the files of a burst into one micro-batch.

@@ -15,6 +15,8 @@ Everything under ``landing/`` is on one filesystem, so claiming is an atomic
 from __future__ import annotations
 
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,10 @@ def check_source_name(source: str) -> str:
             "starting with a letter"
         )
     return source
+
+
+# Names of the files our own writers make (atomically, complete): <batch id>.parquet.
+WRITER_FILE_RE = re.compile(r"^(\d{8}T\d{12}Z-[0-9a-f]{12}|replay-\d{8}T\d{12}Z)\.parquet$")
 
 
 def is_landing_file(path: Path) -> bool:
@@ -118,8 +124,12 @@ class LandingLayout:
             names.add(DEAD_LETTERS)
         return sorted(names)
 
-    def pending_files(self, source: str) -> list[Path]:
+    def pending_files(self, source: str, settle_s: float = 0.0) -> list[Path]:
         """Complete landing files of ``source`` in arrival order.
+
+        Files our writers made appear atomically, complete. Any other file (copied
+        in by hand, scp, a script) counts as complete once it has not changed for
+        ``settle_s`` seconds, so a copy in progress is never read half-written.
 
         Arrival is the rename into the landing folder, which sets the file's
         ctime (mtime can be old: ``rsync -t``, ``cp -p``); ties, common with a
@@ -128,6 +138,7 @@ class LandingLayout:
         directory = self.source_dir(source)
         if not directory.is_dir():
             return []
+        settled_before = time.time() - settle_s
         arrived = []
         for path in directory.iterdir():
             if not is_landing_file(path):
@@ -136,9 +147,24 @@ class LandingLayout:
                 stat = path.stat()
             except FileNotFoundError:  # claimed or removed meanwhile
                 continue
-            if path.is_file():
-                arrived.append((stat.st_ctime_ns, path.name, path))
+            if not path.is_file():
+                continue
+            written_by_us = WRITER_FILE_RE.fullmatch(path.name) is not None
+            if not written_by_us and max(stat.st_mtime, stat.st_ctime) > settled_before:
+                continue  # possibly still being written
+            arrived.append((stat.st_ctime_ns, path.name, path))
         return [path for _, _, path in sorted(arrived)]
+
+    def has_unsettled_files(self, settle_s: float) -> bool:
+        """Whether a hand-dropped file is waiting to settle (the processor looks again soon)."""
+        for source in self.sources_with_files():
+            directory = self.source_dir(source)
+            if not directory.is_dir():
+                continue
+            total = sum(1 for p in directory.iterdir() if p.is_file() and is_landing_file(p))
+            if total > len(self.pending_files(source, settle_s)):
+                return True
+        return False
 
     def inflight_batches(self, source: str) -> list[tuple[int, Path]]:
         """Claimed-but-unfinished bronze batches of ``source`` as ``(seq, dir)``, by seq."""

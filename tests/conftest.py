@@ -21,7 +21,9 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(data_dir: Path) -> Settings:
-    return load_settings(data_dir=data_dir, trigger_latency_ms=0, rescan_interval_s=0.5)
+    return load_settings(
+        data_dir=data_dir, trigger_latency_ms=0, rescan_interval_s=0.5, file_settle_ms=0
+    )
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,18 @@ def test_sigkill_between_landing_and_commit_loses_nothing(
     assert frame.height > total
     assert frame.height - total >= 25
 
+    # Through the processor: bronze holds every message exactly once.
+    from config.contracts import load_contracts
+    from config.settings import load_settings
+    from delta_processing.processor import Processor
+
+    report = Processor(load_settings(data_dir=data_dir), load_contracts()).run_once()
+    assert report.failures == []
+    bronze = pl.read_delta(str(data_dir / "bronze" / "crash"))
+    assert bronze.height == total
+    assert bronze.select("kafka_partition", "kafka_offset").n_unique() == total
+    assert sorted(bronze["n"].cast(pl.Int64).to_list()) == list(range(total))
+
 
 # --------------------------------------------------------------- (c) poison
 

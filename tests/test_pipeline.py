@@ -396,3 +396,29 @@ def test_review_regressions_case_retries_json_and_predicates(
     reasons = dict(_table(settings, "quarantine", "things").select("id", "_reason").iter_rows())
     assert reasons["b"] == "meta: cannot parse 'NaN' as json"
     assert reasons["c"].startswith("expectation small_code could not be evaluated:")
+
+
+def test_a_file_still_being_copied_is_not_read_half_written(data_dir: Path) -> None:
+    import time
+
+    from config.settings import load_settings
+
+    settings = load_settings(data_dir=data_dir, file_settle_ms=600)
+    layout = LandingLayout(data_dir)
+    source_dir = layout.source_dir("readings")
+    source_dir.mkdir(parents=True)
+    copying = source_dir / "big.ndjson"
+    with copying.open("wb") as handle:  # a copy in progress: half a line so far
+        handle.write(b'{"ts": "2026-11-20T10:00:00Z", "device_id": "d", "sen')
+        handle.flush()
+        assert layout.pending_files("readings", 0.6) == []
+        assert layout.has_unsettled_files(0.6)
+        api_file = _write(settings, [_reading(1, 1.0)])  # our writer's files need no settling
+        assert [p.name for p in layout.pending_files("readings", 0.6)] == [api_file]
+        handle.write(b'sor": "t", "value": 5}\n')
+    started = time.monotonic()
+    report = Processor(settings, load_contracts()).run_once()  # waits for the copy to settle
+    assert time.monotonic() - started >= 0.5
+    assert report.failures == []
+    assert sorted(_table(settings, "silver")["value"].to_list()) == [1.0, 5.0]
+    assert not list((settings.data_dir / "quarantine").rglob("big.ndjson"))
