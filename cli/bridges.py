@@ -6,16 +6,19 @@ import json
 import signal
 import threading
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import structlog
 import typer
+from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import BaseModel, ValidationError
 
 from cli.common import fail, load
 from config.settings import Settings
+from landing_zone.bridge_metrics import BridgeCollector
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
 
@@ -51,59 +54,88 @@ def landing_backlog(layout: LandingLayout) -> Callable[[], int]:
     return count
 
 
-def bridge_runners(settings: Settings) -> dict[str, Callable[[threading.Event], None]]:
-    """The configured bridges, each as ``run(stop)``; empty if none is configured."""
+@dataclass(frozen=True)
+class RunningBridge:
+    """A configured bridge: how to run it and how to read its counters."""
+
+    run: Callable[[threading.Event], None]
+    counters: Callable[[], Mapping[str, int]]
+
+
+def configured_bridges(settings: Settings) -> dict[str, RunningBridge]:
+    """The bridges the settings configure, by name; empty if none is."""
     layout = LandingLayout(settings.data_dir)
-    runners: dict[str, Callable[[threading.Event], None]] = {}
+    bridges: dict[str, RunningBridge] = {}
     if settings.mqtt_config is not None:
         from landing_zone.mqtt_bridge import MqttBridge, MqttBridgeConfig
 
         mqtt = MqttBridge(load_config_file(settings.mqtt_config, MqttBridgeConfig),
                           LandingWriter(layout))  # fmt: skip
-        runners["mqtt"] = mqtt.run
+        bridges["mqtt"] = RunningBridge(mqtt.run, mqtt.counters)
     if settings.kafka_config is not None:
         from landing_zone.kafka_bridge import KafkaBridge, KafkaBridgeConfig
 
         kafka = KafkaBridge(load_config_file(settings.kafka_config, KafkaBridgeConfig),
                             LandingWriter(layout), landing_backlog(layout))  # fmt: skip
-        runners["kafka"] = kafka.run
-    return runners
+        bridges["kafka"] = RunningBridge(kafka.run, kafka.counters)
+    return bridges
 
 
-def start_bridges(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
-    """Start every configured bridge in a thread of this process (for `lakehouse up`)."""
+def bridge_collector(settings: Settings, bridges: Mapping[str, RunningBridge]) -> BridgeCollector:
+    """The Prometheus collector of ``bridges`` and the landing backlog."""
+    counters = {name: bridge.counters for name, bridge in bridges.items()}
+    return BridgeCollector(counters, landing_backlog(LandingLayout(settings.data_dir)))
+
+
+def start_bridges(
+    bridges: Mapping[str, RunningBridge], stop: threading.Event
+) -> list[threading.Thread]:
+    """Start ``bridges`` in threads of this process (for `lakehouse up`)."""
     threads = []
-    for name, run in bridge_runners(settings).items():
-        thread = threading.Thread(target=run, args=(stop,), name=f"lakehouse-{name}", daemon=True)
+    for name, bridge in bridges.items():
+        thread = threading.Thread(
+            target=bridge.run, args=(stop,), name=f"lakehouse-{name}", daemon=True
+        )
         thread.start()
         log.info("bridge.started", bridge=name)
         threads.append(thread)
     return threads
 
 
-def _run_one(name: str, config: Path | None) -> None:
+def _run_one(name: str, config: Path | None, metrics_port: int | None) -> None:
     overrides: dict[str, object] = {f"{name}_config": config} if config else {}
     settings, _ = load(**overrides)
-    runner = bridge_runners(settings).get(name)
-    if runner is None:
+    bridge = configured_bridges(settings).get(name)
+    if bridge is None:
         fail(f"no {name} bridge configured: pass --config or set LAKEHOUSE_{name.upper()}_CONFIG")
+    if metrics_port is not None:
+        registry = CollectorRegistry()
+        registry.register(bridge_collector(settings, {name: bridge}))
+        start_http_server(metrics_port, addr=settings.api_host, registry=registry)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # flush the open batch, then exit
         signal.signal(signum, lambda *_: stop.set())
-    runner(stop)
+    bridge.run(stop)
+
+
+MetricsPort = Annotated[
+    int | None, typer.Option(help="Serve Prometheus /metrics on this port (API host).")
+]
 
 
 @bridge_app.command("mqtt")
 def bridge_mqtt(
     config: Annotated[Path | None, typer.Option(help="TOML/JSON bridge configuration.")] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Subscribe to MQTT topics (QoS 1, persistent session) and land the messages."""
-    _run_one("mqtt", config)
+    _run_one("mqtt", config, metrics_port)
 
 
 @bridge_app.command("kafka")
 def bridge_kafka(
     config: Annotated[Path | None, typer.Option(help="TOML/JSON bridge configuration.")] = None,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Consume Kafka topics as a consumer group and land the messages."""
-    _run_one("kafka", config)
+    _run_one("kafka", config, metrics_port)

@@ -13,12 +13,16 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from cli.bridges import bridge_app, start_bridges
+from cli.bridges import bridge_app, bridge_collector, configured_bridges, start_bridges
 from cli.common import check_contracts, err, fail, load, out
 from config.contracts import ContractError, ContractRegistry
 from config.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from prometheus_client.registry import Collector
+
     from delta_processing.processor import ProcessorLock
     from delta_processing.tables import Layer
 
@@ -61,7 +65,9 @@ def _ensure_admin_token(settings: Settings) -> None:
     out.print(secret, highlight=False, soft_wrap=True)
 
 
-def _serve(settings: Settings, contracts: ContractRegistry) -> None:
+def _serve(
+    settings: Settings, contracts: ContractRegistry, collectors: Sequence[Collector] = ()
+) -> None:
     """Serve the API until SIGTERM/SIGINT, then return so callers can shut down cleanly."""
     import signal
 
@@ -70,7 +76,7 @@ def _serve(settings: Settings, contracts: ContractRegistry) -> None:
     from api.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings, contracts),
+        create_app(settings, contracts, collectors),
         host=settings.api_host,
         port=settings.api_port,
         log_level=settings.log_level.lower(),
@@ -114,7 +120,8 @@ def up(
             if isinstance(reason, ProcessorLockedError):
                 fail(str(reason), code=1)
             fail(f"processor failed to start: {reason}", code=1)
-    bridges = start_bridges(settings, stop)
+    configured = configured_bridges(settings)
+    bridges = start_bridges(configured, stop)
     err.print(
         f"lakehouse up: API on http://{settings.api_host}:{settings.api_port} "
         f"(docs at /docs), data in {settings.data_dir}"
@@ -125,7 +132,7 @@ def up(
         )
     )
     try:
-        _serve(settings, contracts)
+        _serve(settings, contracts, [bridge_collector(settings, configured)])
     finally:
         stop.set()  # bridges flush their open batch; the processor finishes its cycle
         processor.wake.set()
@@ -142,7 +149,7 @@ def api(
 ) -> None:
     """Run only the ingestion/query API."""
     settings, contracts = load(api_host=host, api_port=port)
-    _serve(settings, contracts)
+    _serve(settings, contracts, [bridge_collector(settings, {})])  # landing backlog
 
 
 @app.command()

@@ -316,6 +316,21 @@ class KafkaBridge:
         conf["enable.partition.eof"] = False
         return conf
 
+    def counters(self) -> dict[str, int]:
+        """A snapshot of the counters, for metrics."""
+        names = (
+            "messages_in",
+            "records_landed",
+            "batches_written",
+            "dead_letters",
+            "commits",
+            "commit_failures",
+            "write_failures",
+            "paused",
+            "rebalances",
+        )
+        return {name: int(getattr(self, name)) for name in names}
+
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then land, commit and close the consumer.
 

@@ -41,11 +41,11 @@ def brokers(tmp_path: Path):
         mosquitto.stop()
 
 
-def _publish(broker: MosquittoBroker, topic: str, payload: str) -> None:
+def _publish(broker: MosquittoBroker, topic: str, payload: str, *, retain: bool = False) -> None:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.connect(broker.host, broker.port)
     client.loop_start()
-    client.publish(topic, payload, qos=1).wait_for_publish(10)
+    client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
     client.loop_stop()
     client.disconnect()
 
@@ -108,6 +108,17 @@ def test_up_runs_both_bridges_into_gold(brokers, data_dir: Path, tokens: Tokens,
         )) and len(r) == 2 and r, timeout=30)  # fmt: skip
         assert [r["origin"] for r in letters] == ["kafka", "mqtt"]
         assert "f2-not-a-mac" in str(letters[1]["error"])
+        metrics = httpx.get(f"{base}/metrics").text
+        counts = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in metrics.splitlines()
+            if line.startswith("lakehouse_bridge_messages_in_total")
+        }
+        assert counts == {
+            'lakehouse_bridge_messages_in_total{bridge="mqtt"}': 3.0,
+            'lakehouse_bridge_messages_in_total{bridge="kafka"}': 2.0,
+        }
+        assert "lakehouse_landing_backlog_files " in metrics
     finally:
         stop(proc)
     assert proc.returncode == 0, log.read_text()
@@ -126,3 +137,37 @@ def test_bridge_command_refuses_a_bad_configuration(tmp_path: Path) -> None:
                              env=lakehouse_env(tmp_path / "dados"), capture_output=True,
                              text=True, timeout=60)  # fmt: skip
     assert missing.returncode == 2 and "no kafka bridge configured" in missing.stderr
+
+
+def test_standalone_bridge_serves_metrics_and_stops_cleanly(brokers, tmp_path: Path) -> None:
+    import signal
+
+    mosquitto, _ = brokers
+    config = tmp_path / "mqtt.toml"
+    config.write_text(f'host = "{mosquitto.host}"\nport = {mosquitto.port}\nclient_id = "solo"\n')
+    port = free_port()
+    proc = subprocess.Popen(
+        [*LAKEHOUSE, "bridge", "mqtt", "--config", str(config), "--metrics-port", str(port)],
+        cwd=REPO, env=lakehouse_env(tmp_path / "dados"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def scrape() -> str | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+            except httpx.HTTPError:
+                return None
+
+        # Retained: delivered whenever the bridge's subscription is in place.
+        _publish(mosquitto, "stat/f2-0011223344ff/on/ch2/power", "7", retain=True)
+        text = wait_until(
+            lambda: (t := scrape()) and 'lakehouse_bridge_records_landed_total{bridge="mqtt"} 1.0'
+            in t and t,
+            timeout=30,
+        )  # fmt: skip
+        assert 'lakehouse_bridge_messages_in_total{bridge="mqtt"} 1.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert len(list((tmp_path / "dados" / "landing" / "readings").glob("*.parquet"))) == 1
