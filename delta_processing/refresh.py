@@ -13,7 +13,7 @@ from datetime import datetime
 
 import polars as pl
 import structlog
-from deltalake import CommitProperties, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from config.contracts import SourceContract
 from delta_processing.gold import rebuild_gold
@@ -36,6 +36,7 @@ from delta_processing.tables import (
     commit_marker,
     merge,
     read_changes,
+    read_snapshot,
     sync_latest_commit,
     to_arrow,
 )
@@ -54,6 +55,29 @@ class RefreshResult:
     table: str
     rows: int
     upstream_version: int
+
+
+def all_bronze_rows(bronze: DeltaTable, version: int) -> pl.DataFrame:
+    """Every bronze row up to ``version``, shaped like change-feed inserts.
+
+    The change feed from version 0 is exact but needs the whole history, which log
+    cleanup and vacuum remove; then the snapshot is read instead, with each row's
+    commit stood in for by its (per-commit) ingestion time, in order.
+    """
+    try:
+        return read_changes(bronze, 0, version).filter(pl.col("_change_type") == "insert")
+    except Exception as exc:
+        log.info("refresh.bronze_from_snapshot", reason=str(exc).splitlines()[0])
+    try:
+        snapshot = DeltaTable(bronze.table_uri, version=version)
+    except Exception:  # that version's log is gone too: the newest is the closest
+        snapshot = bronze
+    rows = read_snapshot(snapshot).collect()
+    return rows.with_columns(
+        pl.col("_ingested_at").rank("dense").cast(pl.Int64).alias("_commit_version"),
+        pl.lit("insert").alias("_change_type"),
+        pl.col("_ingested_at").alias("_commit_timestamp"),
+    )
 
 
 def refresh(store: TableStore, contract: SourceContract, table: str) -> RefreshResult:
@@ -81,7 +105,7 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
     if bronze is None:
         raise RefreshRefused(f"bronze/{source} does not exist yet")
     end = bronze.version()
-    changes = read_changes(bronze, 0, end).filter(pl.col("_change_type") == "insert")
+    changes = all_bronze_rows(bronze, end)
     batch = build_batch(changes, contract)
     append(
         store.uri(QUALITY_LAYER, QUALITY_TABLE),
@@ -135,10 +159,8 @@ def backfill(
     if any(v is None for v in sinks):
         raise RefreshRefused(f"silver/{source} has not consumed bronze in every sink yet")
     consumed = min(v for v in sinks if v is not None)
-    changes = (
-        read_changes(bronze, 0, consumed)
-        .filter(pl.col("_change_type") == "insert")
-        .filter(pl.col("_ingested_at").is_between(start, end, closed="left"))
+    changes = all_bronze_rows(bronze, consumed).filter(
+        pl.col("_ingested_at").is_between(start, end, closed="left")
     )
     batch = build_batch(changes, contract)
     note = CommitProperties(custom_metadata={"lakehouse.backfill": f"{start}..{end}"})

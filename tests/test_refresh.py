@@ -186,3 +186,30 @@ def test_refresh_and_backfill_commands_respect_the_processor_lock(tmp_path: Path
     filled = cli("backfill", "loads", "--from", "2000-01-01", "--to", "2100-01-01")
     assert filled.returncode == 0 and "backfilled loads: 2 row(s)" in filled.stdout
     assert cli("refresh", "bronze/loads").returncode == 2
+
+
+def test_refresh_silver_still_works_after_bronze_history_was_vacuumed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from deltalake import DeltaTable
+
+    from delta_processing.maintenance import MaintenancePolicy, compact, vacuum
+
+    contracts = _contracts(tmp_path)
+    processor = Processor(settings, contracts)
+    for values in ([1.0, 2.0], [3.0], [4.0, 5.0]):
+        _send(settings, _rows(values))
+        processor.run_once()
+    bronze_uri = str(settings.data_dir / "bronze" / "loads")
+    policy = MaintenancePolicy(min_files_to_compact=2, vacuum_retention=timedelta(0))
+    compact(DeltaTable(bronze_uri), policy)
+    vacuum(DeltaTable(bronze_uri), policy, dry_run=False, allow_below_table_minimum=True)
+    from delta_processing.tables import read_changes
+
+    with pytest.raises(Exception, match=r"(?i)not found"):  # the change feed is gone
+        read_changes(DeltaTable(bronze_uri), 0, DeltaTable(bronze_uri).version())
+    store = TableStore(settings.data_dir)
+    result = refresh(store, contracts["loads"], "silver")
+    assert result.rows == 2  # m0 and m1: later sends replace earlier ones by arrival
+    silver = _read(settings, "silver/loads").sort("id")
+    assert silver.select("id", "kw").rows() == [("m0", 4.0), ("m1", 5.0)]
