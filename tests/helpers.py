@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -92,3 +93,16 @@ def reference_gold(silver: pl.DataFrame) -> dict[str, pl.DataFrame]:
 
 def read_sorted(path: Path, keys: list[str]) -> pl.DataFrame:
     return pl.read_delta(str(path)).sort(keys)
+
+
+def land_records(data_dir: Path, source: str, rows: list[dict[str, object]]) -> str:
+    """Land ``rows`` for ``source`` as one NDJSON batch, as the API would; the file name."""
+    from landing_zone.formats import decode_batch
+    from landing_zone.layout import LandingLayout
+    from landing_zone.writer import LandingWriter
+
+    body = b"\n".join(json.dumps(r).encode() for r in rows)
+    receipt = LandingWriter(LandingLayout(data_dir)).write_frame(
+        source, decode_batch(body, "ndjson")
+    )
+    return receipt.path.name

@@ -13,9 +13,7 @@ import pytest
 from config.contracts import ContractError, load_contract_file, load_contracts
 from config.settings import Settings
 from delta_processing.processor import Processor
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
+from tests.helpers import land_records
 
 METERS = """
 name = "meters"
@@ -62,10 +60,7 @@ def contracts_dir(tmp_path: Path) -> Path:
 
 
 def _send(settings: Settings, rows: list[dict[str, object]]) -> None:
-    body = b"\n".join(json.dumps(r).encode() for r in rows)
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "meters", decode_batch(body, "ndjson")
-    )
+    land_records(settings.data_dir, "meters", rows)
 
 
 def _silver(settings: Settings) -> pl.DataFrame:

@@ -11,9 +11,7 @@ import pytest
 from config.contracts import load_contracts
 from config.settings import Settings
 from delta_processing.processor import Processor
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
+from tests.helpers import land_records
 
 CONTRACT = """
 name = "things"
@@ -41,10 +39,7 @@ def _processor(tmp_path: Path, settings: Settings, mode: str, extra_fields: str 
 
 
 def _send(settings: Settings, rows: list[dict[str, object]]) -> None:
-    body = b"\n".join(json.dumps(r).encode() for r in rows)
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "things", decode_batch(body, "ndjson")
-    )
+    land_records(settings.data_dir, "things", rows)
 
 
 def _row(i: int, **extra: object) -> dict[str, object]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
@@ -11,9 +10,7 @@ import pytest
 from config.contracts import ContractError, load_contract_file, load_contracts
 from config.settings import Settings
 from delta_processing.processor import Processor
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
+from tests.helpers import land_records
 
 BASE = """
 name = "sensors"
@@ -93,10 +90,7 @@ def _processor(tmp_path: Path, settings: Settings, extra: str) -> Processor:
 
 
 def _send(settings: Settings, rows: list[dict[str, object]]) -> None:
-    body = b"\n".join(json.dumps(r).encode() for r in rows)
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "sensors", decode_batch(body, "ndjson")
-    )
+    land_records(settings.data_dir, "sensors", rows)
 
 
 def _read(settings: Settings, path: str) -> pl.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,9 +14,7 @@ from config.contracts import ContractError, load_contract_file, load_contracts
 from config.settings import Settings
 from delta_processing.gold import gold_frame
 from delta_processing.processor import Processor
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
+from tests.helpers import land_records
 
 CONTRACT = """
 name = "meters"
@@ -65,10 +62,7 @@ def _processor(tmp_path: Path, settings: Settings, contract: str = CONTRACT) -> 
 
 
 def _send(settings: Settings, rows: list[dict[str, object]]) -> None:
-    body = b"\n".join(json.dumps(r).encode() for r in rows)
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "meters", decode_batch(body, "ndjson")
-    )
+    land_records(settings.data_dir, "meters", rows)
 
 
 def _check_against_full_recomputation(settings: Settings, tmp_path: Path) -> None:

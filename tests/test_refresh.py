@@ -17,10 +17,7 @@ from delta_processing.gold import gold_frame
 from delta_processing.processor import Processor, ProcessorLock
 from delta_processing.refresh import RefreshRefused, backfill, refresh
 from delta_processing.tables import TableStore
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
-from tests.helpers import LAKEHOUSE, REPO, lakehouse_env
+from tests.helpers import LAKEHOUSE, REPO, lakehouse_env, land_records
 
 CONTRACT = """
 name = "loads"
@@ -67,10 +64,7 @@ def _contracts(tmp_path: Path, kw_type: str = "float", kw_max: int = 10, protect
 
 
 def _send(settings: Settings, rows: list[dict[str, object]]) -> None:
-    body = b"\n".join(json.dumps(r).encode() for r in rows)
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "loads", decode_batch(body, "ndjson")
-    )
+    land_records(settings.data_dir, "loads", rows)
 
 
 def _rows(values: list[float]) -> list[dict[str, object]]:

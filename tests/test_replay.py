@@ -12,10 +12,7 @@ from config.contracts import load_contracts
 from config.settings import Settings
 from delta_processing.processor import Processor
 from delta_processing.replay import replay_quarantine
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
-from tests.helpers import LAKEHOUSE, REPO, lakehouse_env
+from tests.helpers import LAKEHOUSE, REPO, lakehouse_env, land_records
 
 CONTRACT = """
 name = "counts"
@@ -52,10 +49,7 @@ def _contracts(tmp_path: Path, n_max: int) -> Path:
 
 
 def _send(settings: Settings, rows: list[dict[str, object]]) -> None:
-    body = b"\n".join(json.dumps(r).encode() for r in rows)
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "counts", decode_batch(body, "ndjson")
-    )
+    land_records(settings.data_dir, "counts", rows)
 
 
 def _rows() -> list[dict[str, object]]:
