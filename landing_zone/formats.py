@@ -15,7 +15,6 @@ import functools
 import gzip
 import io
 import json
-import re
 import zlib
 from collections.abc import Callable
 from typing import Literal
@@ -144,7 +143,7 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
         frame = reader(io.BytesIO(data), infer_schema_length=None)
         if not ndjson and not _booleans_kept(data, frame):
             raise ValueError("read_json turned booleans into numbers")
-        if _LONG_DIGITS.search(data) and pl.Float64 in frame.schema.dtypes():
+        if not _floats_exact(frame):
             # An integer past 2**53 sharing a column with floats would lose digits.
             raise ValueError("long integers in a float column")
         return to_raw_strings(frame)
@@ -156,7 +155,13 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
     return _raw_frame(records)
 
 
-_LONG_DIGITS = re.compile(rb"\d{16,}")
+def _floats_exact(frame: pl.DataFrame) -> bool:
+    """No float column holds a magnitude where an integer could have lost digits (2**53)."""
+    floats = [name for name, dtype in frame.schema.items() if dtype == pl.Float64]
+    if not floats:
+        return True
+    too_big = pl.any_horizontal([pl.col(name).abs() >= 2**53 for name in floats]).any()
+    return not frame.select(too_big).item()
 
 
 def _booleans_kept(data: bytes, frame: pl.DataFrame) -> bool:
