@@ -21,20 +21,15 @@ Run stand-alone (tests, operations)::
 
 from __future__ import annotations
 
-import argparse
 import base64
-import logging
 import random
-import signal
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -45,9 +40,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from landing_zone.layout import LandingLayout
 from landing_zone.mqtt_topics import (
     DEVICE_PATTERN,
     MessageRejected,
@@ -718,47 +712,3 @@ class MqttBridge:
             self._batch_started = time.monotonic()
         self._pending.append(entry)
         self._pending_bytes += len(payload) + len(topic)
-
-
-def _configure_logging(level: str) -> None:
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
-        ],
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m landing_zone.mqtt_bridge CONFIG.json DATA_DIR``: run until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(prog="python -m landing_zone.mqtt_bridge")
-    parser.add_argument("config", type=Path, help="JSON file of MqttBridgeConfig")
-    parser.add_argument("data_dir", type=Path, help="data directory holding landing/")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
-    try:
-        config = MqttBridgeConfig.model_validate_json(args.config.read_bytes())
-        bridge = MqttBridge(config, LandingWriter(LandingLayout(args.data_dir)))
-    except (OSError, ValidationError, MqttConfigError) as exc:
-        print(f"error: invalid MQTT bridge configuration {args.config}: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()  # the loop notices within _POLL_S, flushes, acks and disconnects
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    bridge.run(stop)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

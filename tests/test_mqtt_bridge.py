@@ -1,7 +1,7 @@
 """The MQTT bridge: topic mapping (unit) and delivery guarantees against a real mosquitto.
 
 Integration tests run the bridge in a thread, or as a real subprocess where it must be
-killed (``python -m landing_zone.mqtt_bridge``); the broker is a real mosquitto with a
+killed (``lakehouse bridge mqtt``); the broker is a real mosquitto with a
 plain, an mTLS and a password listener (tests/mqtt_broker.py).
 """
 
@@ -12,7 +12,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -43,7 +42,7 @@ from landing_zone.mqtt_topics import (
     topic_matches,
 )
 from landing_zone.writer import LandingReceipt, LandingWriteError, LandingWriter
-from tests.helpers import REPO, wait_until
+from tests.helpers import LAKEHOUSE, REPO, lakehouse_env, wait_until
 from tests.mqtt_broker import BROKER_PASSWORD, BROKER_USER, MOSQUITTO, MosquittoBroker
 
 RECEIVED = datetime(2026, 11, 22, 10, 30, 0, 123456, tzinfo=UTC)
@@ -386,8 +385,9 @@ def start_bridge_process(
     config_file.write_text(config.model_dump_json())
     log = open(work / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
-        [sys.executable, "-m", "landing_zone.mqtt_bridge", str(config_file), str(data_dir)],
+        [*LAKEHOUSE, "bridge", "mqtt", "--config", str(config_file)],
         cwd=REPO,
+        env=lakehouse_env(data_dir, LAKEHOUSE_LOG_LEVEL="INFO"),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
