@@ -29,7 +29,7 @@ from config.contracts import (
 )
 from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
-from delta_processing.retention import retention_versions
+from delta_processing.retention import RETENTION_MARK
 from delta_processing.tables import (
     REFRESH_MARK,
     TableStore,
@@ -200,25 +200,39 @@ class GoldRefresher:
         silver = self._store.open("silver", contract.name)
         if silver is None:
             return []
+        silver_version = silver.version()
         results = []
         for spec in contract.gold:
             done = consumed_version(self._store.open("gold", spec.name), GOLD_APP_ID)
-            if done is not None and marked_versions(silver, done, REFRESH_MARK):
+            if done is not None and done >= silver_version:
+                continue
+            # One read of silver's recent history: rebuilds and retention deletes since `done`.
+            marks = (
+                marked_versions(silver, done, REFRESH_MARK, RETENTION_MARK)
+                if done is not None
+                else {}
+            )
+            if marks.get(REFRESH_MARK):
                 # Silver was rebuilt: its change feed across the rewrite is not a diff.
                 results.append(rebuild_gold(self._store, contract, spec, silver))
                 self._crash.reached("after_gold_commit")
                 continue
-            result = self._refresh_one(contract, spec, silver)
-            if result is not None:
-                results.append(result)
+            changes = _silver_changes(silver, done, marks.get(RETENTION_MARK, set()))
+            if isinstance(spec, SqlGold):
+                results.append(self._refresh_sql(contract, spec, silver, changes))
+            else:
+                results.append(self._refresh_one(contract, spec, silver, changes))
         return results
 
     def _refresh_one(
-        self, contract: SourceContract, spec: GoldSpec, silver: DeltaTable
-    ) -> GoldResult | None:
+        self,
+        contract: SourceContract,
+        spec: WindowGold | LatestGold,
+        silver: DeltaTable,
+        changes: pl.DataFrame,
+    ) -> GoldResult:
+        """Upsert the windows (or groups) ``changes`` touched, recomputed from silver."""
         silver_version = silver.version()
-        if isinstance(spec, SqlGold):
-            return self._refresh_sql(contract, spec, silver)
         if isinstance(spec, WindowGold):
             schema = window_schema(spec, contract)
             keys = [*spec.group_by, "window_start"]
@@ -226,10 +240,6 @@ class GoldRefresher:
             schema = latest_schema(spec, contract)
             keys = list(spec.group_by)
         gold = ensure_table(self._store, "gold", spec.name, schema, cdf=False)
-        done = consumed_version(gold, GOLD_APP_ID)
-        if done is not None and done >= silver_version:
-            return None
-        changes = _silver_changes(silver, done)
         marker = commit_marker(GOLD_APP_ID, silver_version)
         if isinstance(spec, WindowGold):
             upserts = self._window_upserts(contract, spec, silver, changes, schema)
@@ -272,16 +282,13 @@ class GoldRefresher:
         return _mark_presence(touched, fresh, [*spec.group_by, "window_start"], schema)
 
     def _refresh_sql(
-        self, contract: SourceContract, spec: SqlGold, silver: DeltaTable
-    ) -> GoldResult | None:
-        """Recompute the windows touched since the recorded silver version; replace them."""
+        self, contract: SourceContract, spec: SqlGold, silver: DeltaTable, changes: pl.DataFrame
+    ) -> GoldResult:
+        """Recompute the windows ``changes`` touched and replace them."""
         silver_version = silver.version()
         gold = self._store.open("gold", spec.name)
-        done = consumed_version(gold, GOLD_APP_ID)
-        if done is not None and done >= silver_version:
-            return None
         window = pl.col(contract.event_time).dt.truncate(spec.every)
-        touched = _silver_changes(silver, done).select(window.alias("w")).unique()["w"]
+        touched = changes.select(window.alias("w")).unique()["w"]
         rows = (
             read_snapshot(silver)
             .filter(window.is_in(touched.implode()))
@@ -336,14 +343,17 @@ class GoldRefresher:
         return _mark_presence(touched, fresh, list(spec.group_by), schema)
 
 
-def _silver_changes(silver: DeltaTable, done: int | None) -> pl.DataFrame:
-    """Silver rows changed since version ``done`` (all of silver when never consumed)."""
+def _silver_changes(silver: DeltaTable, done: int | None, expired: set[int]) -> pl.DataFrame:
+    """Silver rows changed since version ``done`` (all of silver when never consumed).
+
+    Deletes made by retention (versions ``expired``) are skipped: gold keeps what
+    silver lets age out.
+    """
     if done is None:
         return read_snapshot(silver).collect().with_columns(pl.lit("insert").alias("_change_type"))
     changes = read_changes(silver, done + 1, silver.version()).filter(
         pl.col("_change_type").is_in(CHANGED_ROWS)
     )
-    expired = retention_versions(silver, done)  # gold keeps what silver lets age out
     if expired:
         changes = changes.filter(~pl.col("_commit_version").is_in(sorted(expired)))
     return changes

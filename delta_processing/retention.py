@@ -19,7 +19,7 @@ from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import LatestGold, SourceContract, SqlGold, WindowGold
 from config.settings import Settings
-from delta_processing.tables import Layer, TableStore, marked_versions, sync_latest_commit
+from delta_processing.tables import Layer, TableStore, sync_latest_commit
 
 RETENTION_MARK = "lakehouse.retention"
 
@@ -110,8 +110,3 @@ def expire(table: DeltaTable, column: str, cutoff: datetime) -> int:
         sync_latest_commit(table)
         log.info("retention.expired", table=table.table_uri, column=column, rows=deleted)
     return deleted
-
-
-def retention_versions(table: DeltaTable, after: int) -> set[int]:
-    """Versions after ``after`` whose commits were made by retention."""
-    return marked_versions(table, after, RETENTION_MARK)

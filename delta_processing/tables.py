@@ -243,16 +243,22 @@ def merge(
 REFRESH_MARK = "lakehouse.refresh"
 
 
-def marked_versions(table: DeltaTable, after: int, mark: str) -> set[int]:
-    """Versions after ``after`` whose commit metadata carries ``mark``."""
+def marked_versions(table: DeltaTable, after: int, *marks: str) -> dict[str, set[int]]:
+    """For each of ``marks``: the versions after ``after`` whose commit metadata carries it.
+
+    One read of the table's recent history, however many marks are asked for.
+    """
+    found: dict[str, set[int]] = {mark: set() for mark in marks}
     newer = table.version() - after
     if newer <= 0:
-        return set()
-    return {
-        int(entry["version"])
-        for entry in table.history(newer)
-        if mark in entry and int(entry["version"]) > after
-    }
+        return found
+    for entry in table.history(newer):
+        version = int(entry["version"])
+        if version > after:
+            for mark in marks:
+                if mark in entry:
+                    found[mark].add(version)
+    return found
 
 
 def key_predicate(keys: list[str]) -> str:
