@@ -12,6 +12,7 @@ from rich.console import Console
 
 from config.contracts import ContractError, ContractRegistry, load_contracts
 from config.settings import Settings, SettingsError, load_settings
+from delta_processing.expectations import check_contracts
 
 err = Console(stderr=True)
 out = Console()
@@ -42,19 +43,8 @@ def load(**overrides: object) -> tuple[Settings, ContractRegistry]:
     try:
         settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
         contracts = load_contracts(settings.contracts_dir)
-        check_contracts(contracts)
+        check_contracts(contracts.values())
     except (SettingsError, ContractError) as exc:
         fail(str(exc))
     configure_logging(settings.log_level)
     return settings, contracts
-
-
-def check_contracts(contracts: ContractRegistry) -> None:
-    """Raise ContractError if an expectation of any contract cannot run on its typed rows."""
-    import polars as pl
-
-    from delta_processing.coercions import contract_dtypes
-    from delta_processing.expectations import check_expectations
-
-    for contract in contracts.values():
-        check_expectations(contract, pl.Schema(contract_dtypes(contract)))

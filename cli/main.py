@@ -14,9 +14,10 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.bridges import bridge_app, bridge_collector, configured_bridges, start_bridges
-from cli.common import check_contracts, err, fail, load, out
+from cli.common import err, fail, load, out
 from config.contracts import ContractError, ContractRegistry
 from config.settings import Settings, SettingsError, load_settings
+from delta_processing.expectations import check_contracts
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -282,7 +283,7 @@ def sources_validate() -> None:
         except ContractError:
             continue  # already reported above
         try:
-            check_contracts(ContractRegistry({contract.name: contract}))
+            check_contracts([contract])
         except ContractError as exc:
             problems.append(f"{path}: {exc}")
     for problem in problems:

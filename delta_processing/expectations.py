@@ -7,11 +7,13 @@ and counts every failure, so nothing is dropped without a number to show for it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import polars as pl
 
 from config.contracts import ContractError, Expectation, SourceContract
+from delta_processing.coercions import contract_dtypes
 
 REASON_COLUMN = "_reason"
 # Working columns: a control character no raw field name can contain (bronze strips them).
@@ -83,6 +85,12 @@ def check_expectations(contract: SourceContract, schema: pl.Schema) -> None:
                 f"source {contract.name!r}: expectation {expectation.name!r} cannot run: "
                 f"{str(exc).splitlines()[0]}"
             ) from None
+
+
+def check_contracts(contracts: Iterable[SourceContract]) -> None:
+    """Raise :class:`ContractError` if an expectation of any contract cannot run."""
+    for contract in contracts:
+        check_expectations(contract, pl.Schema(contract_dtypes(contract)))
 
 
 def evaluate(rows: pl.DataFrame, contract: SourceContract) -> ExpectationOutcome:

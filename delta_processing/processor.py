@@ -18,15 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-import polars as pl
 import structlog
 
 from config.contracts import ContractRegistry
 from config.settings import Settings
 from delta_processing.bronze import BronzeBatchResult, BronzeIngestor, BronzeLimits
-from delta_processing.coercions import contract_dtypes
 from delta_processing.crashpoints import CrashPoints
-from delta_processing.expectations import check_expectations
+from delta_processing.expectations import check_contracts
 from delta_processing.gold import GoldRefresher, GoldResult
 from delta_processing.housekeeping import maintain_all
 from delta_processing.maintenance import policy_for
@@ -89,8 +87,7 @@ class Processor:
     """Promotes landing files through bronze, silver and gold."""
 
     def __init__(self, settings: Settings, contracts: ContractRegistry) -> None:
-        for contract in contracts.values():  # a broken rule must stop us at start, not mid-batch
-            check_expectations(contract, pl.Schema(contract_dtypes(contract)))
+        check_contracts(contracts.values())  # a broken rule stops us at start, not mid-batch
         self._settings = settings
         self._contracts = contracts
         self._layout = LandingLayout(settings.data_dir)
