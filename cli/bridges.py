@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from cli.common import fail, load
 from config.settings import Settings
-from landing_zone.bridge_metrics import BridgeCollector
+from landing_zone.bridge_metrics import BridgeCollector, PartitionLag
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
 
@@ -56,10 +56,11 @@ def landing_backlog(layout: LandingLayout) -> Callable[[], int]:
 
 @dataclass(frozen=True)
 class RunningBridge:
-    """A configured bridge: how to run it and how to read its counters."""
+    """A configured bridge: how to run it and how to read its counters (and lag, if any)."""
 
     run: Callable[[threading.Event], None]
     counters: Callable[[], Mapping[str, int]]
+    lag: PartitionLag | None = None
 
 
 def configured_bridges(settings: Settings) -> dict[str, RunningBridge]:
@@ -77,14 +78,15 @@ def configured_bridges(settings: Settings) -> dict[str, RunningBridge]:
 
         kafka = KafkaBridge(load_config_file(settings.kafka_config, KafkaBridgeConfig),
                             LandingWriter(layout), landing_backlog(layout))  # fmt: skip
-        bridges["kafka"] = RunningBridge(kafka.run, kafka.counters)
+        bridges["kafka"] = RunningBridge(kafka.run, kafka.counters, kafka.lag)
     return bridges
 
 
 def bridge_collector(settings: Settings, bridges: Mapping[str, RunningBridge]) -> BridgeCollector:
     """The Prometheus collector of ``bridges`` and the landing backlog."""
     counters = {name: bridge.counters for name, bridge in bridges.items()}
-    return BridgeCollector(counters, landing_backlog(LandingLayout(settings.data_dir)))
+    lags = {name: bridge.lag for name, bridge in bridges.items() if bridge.lag is not None}
+    return BridgeCollector(counters, landing_backlog(LandingLayout(settings.data_dir)), lags)
 
 
 def start_bridges(

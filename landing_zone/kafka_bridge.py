@@ -63,6 +63,10 @@ exceeds ``max_landing_backlog_files``, every assigned partition is paused; they
 are resumed once it is back at or under the bound. Consumption is also paused
 while a landing write keeps failing (e.g. disk full); the batch is retried with
 back-off and nothing is committed until it is durable.
+
+Consumer lag (:meth:`KafkaBridge.lag`): per assigned partition, the messages
+not yet landed and committed, measured from librdkafka's statistics every
+``lag_interval_ms`` (:mod:`landing_zone.kafka_lag`).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from config.contracts import is_valid_source_name
 from landing_zone.formats import MalformedBatch, decode_batch
+from landing_zone.kafka_lag import StatisticsError, parse_statistics, partition_lag
 from landing_zone.writer import LandingWriteError, LandingWriter
 
 log = structlog.get_logger(__name__)
@@ -110,6 +115,7 @@ RESERVED_OPTIONS = {
     "group.id": "use the group_id field",
     "auto.offset.reset": "use the auto_offset_reset field",
     "enable.partition.eof": "partition EOF events carry no data for the bridge",
+    "statistics.interval.ms": "use the lag_interval_ms field",
 }
 
 _INVALID_SOURCE_CHARS = re.compile(r"[^a-z0-9_]")
@@ -167,6 +173,9 @@ class KafkaBridgeConfig(BaseModel):
     )
     backlog_check_interval_ms: int = Field(default=500, ge=10, le=60_000)
     poll_timeout_ms: int = Field(default=100, ge=1, le=10_000)
+    lag_interval_ms: int = Field(
+        default=5000, ge=0, le=600_000, description="How often consumer lag is measured; 0: never."
+    )
     kafka_options: Mapping[str, OptionValue] = Field(default_factory=dict, repr=False)
 
     @field_validator("topics")
@@ -275,6 +284,8 @@ class KafkaBridge:
         self._buffer_since = 0.0
         self._pending: list[_Batch] = []
         self._uncommitted: dict[Position, int] = {}
+        self._committed: dict[Position, int] = {}
+        self._lag: dict[Position, int] = {}  # replaced whole, so other threads read a snapshot
         self._assignment: set[Position] = set()
         self._pause_reasons: set[str] = set()
         self._write_retry_at = 0.0
@@ -331,6 +342,14 @@ class KafkaBridge:
         )
         return {name: int(getattr(self, name)) for name in names}
 
+    def lag(self) -> dict[Position, int]:
+        """Messages per assigned partition not yet landed and committed, where known.
+
+        Measured every ``lag_interval_ms`` (see :mod:`landing_zone.kafka_lag`); a
+        partition without a figure has an unknown lag, not a zero one.
+        """
+        return dict(self._lag)
+
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then land, commit and close the consumer.
 
@@ -339,6 +358,9 @@ class KafkaBridge:
         """
         conf: dict[str, Any] = dict(self.librdkafka_config())
         conf["error_cb"] = self._on_error
+        if self.config.lag_interval_ms:
+            conf["statistics.interval.ms"] = self.config.lag_interval_ms
+            conf["stats_cb"] = self._on_statistics
         conf["logger"] = logging.getLogger(f"{__name__}.librdkafka")
         consumer = Consumer(conf)
         self._consumer = consumer
@@ -485,8 +507,10 @@ class KafkaBridge:
         failed = {(tp.topic, tp.partition) for tp in result or [] if tp.error is not None}
         for tp in offsets:
             position = (tp.topic, tp.partition)
-            if position not in failed and self._uncommitted.get(position) == tp.offset:
-                del self._uncommitted[position]
+            if position not in failed:
+                self._committed[position] = tp.offset
+                if self._uncommitted.get(position) == tp.offset:
+                    del self._uncommitted[position]
         if failed:
             self.commit_failures += 1
             self._commit_retry_at = time.monotonic() + _COMMIT_RETRY_S
@@ -540,7 +564,9 @@ class KafkaBridge:
     def _forget(self, positions: set[Position]) -> None:
         for position in positions:
             self._uncommitted.pop(position, None)
+            self._committed.pop(position, None)
         self._assignment.difference_update(positions)
+        self._lag = {p: n for p, n in self._lag.items() if p not in positions}
 
     def _discard_unlanded(self, consumer: Consumer, revoked: set[Position]) -> None:
         """Drop batches that could not be landed; nothing of them was committed.
@@ -609,6 +635,14 @@ class KafkaBridge:
             log.info("kafka_bridge.resumed", reason=reason, **context)
 
     # ----------------------------------------------------------------- errors
+
+    def _on_statistics(self, text: str) -> None:
+        try:
+            stats = parse_statistics(text)
+        except StatisticsError as exc:
+            log.warning("kafka_bridge.statistics_unreadable", error=str(exc))
+            return
+        self._lag = partition_lag(stats, self._committed, self._assignment)
 
     def _on_error(self, error: KafkaError) -> None:
         if error.fatal():

@@ -24,8 +24,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 from confluent_kafka import KafkaException
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from landing_zone.bridge_metrics import BridgeCollector
 from landing_zone.kafka_bridge import (
     KAFKA_LINEAGE_COLUMNS,
     KafkaBridge,
@@ -521,3 +523,57 @@ def test_regex_subscription_picks_up_new_topics(broker: TansuBroker, data_dir: P
         assert ("rx_late", 0) in bridge.assignment
     assert landed(data_dir, "rx_late")["t"].unique().to_list() == ["late"]
     assert not (data_dir / "landing" / "not_rx").exists()
+
+
+# ------------------------------------------------------------------------ lag
+
+
+def test_consumer_lag_counts_what_is_not_landed_and_committed(
+    broker: TansuBroker, data_dir: Path
+) -> None:
+    topic = "lagging"
+    broker.create_topic(topic, partitions=1)
+    config = _config(
+        broker,
+        "g-lag",
+        topics=[topic],
+        batch_max_messages=5,
+        batch_max_latency_ms=600_000,  # a short batch waits in the buffer, unlanded
+        lag_interval_ms=100,
+    )
+    registry = CollectorRegistry()
+    with running(config, data_dir) as bridge:
+        registry.register(
+            BridgeCollector({"kafka": bridge.counters}, lambda: 0, {"kafka": bridge.lag})
+        )
+        wait_until(lambda: bridge.assignment == [(topic, 0)], timeout=30)
+        broker.produce(topic, [{"value": b'{"x": %d}' % i, "partition": 0} for i in range(5)])
+        wait_until(lambda: _count(data_dir, topic) == 5, timeout=30)  # a full batch: landed
+        wait_until(lambda: bridge.lag() == {(topic, 0): 0}, timeout=10)
+
+        broker.produce(topic, [{"value": b'{"x": %d}' % i, "partition": 0} for i in range(3)])
+        wait_until(lambda: bridge.messages_in == 8, timeout=30)
+        wait_until(lambda: bridge.lag() == {(topic, 0): 3}, timeout=10)
+        assert _count(data_dir, topic) == 5  # the 3 are consumed but not landed: still owed
+        scrape = generate_latest(registry).decode()
+        labels = f'bridge="kafka",partition="0",topic="{topic}"'
+        assert f"lakehouse_bridge_consumer_lag_messages{{{labels}}} 3.0" in scrape
+    assert _count(data_dir, topic) == 8  # flushed on stop
+    assert broker.committed("g-lag", topic, 1) == {0: 8}
+
+
+def test_lag_is_not_measured_when_switched_off(broker: TansuBroker, data_dir: Path) -> None:
+    topic = "unmeasured"
+    broker.create_topic(topic, partitions=1)
+    config = _config(broker, "g-nolag", topics=[topic], lag_interval_ms=0)
+    assert (
+        "statistics.interval.ms"
+        not in KafkaBridge(
+            config, LandingWriter(LandingLayout(data_dir)), lambda: 0
+        ).librdkafka_config()
+    )
+    with running(config, data_dir) as bridge:
+        broker.produce(topic, [{"value": b'{"x": 1}', "partition": 0}])
+        wait_until(lambda: _count(data_dir, topic) == 1, timeout=30)
+        time.sleep(0.5)
+        assert bridge.lag() == {}
