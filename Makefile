@@ -14,12 +14,28 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Real brokers for the bridge tests (Debian packages); root or sudo installs them once.
+# Real brokers for the bridge tests and a browser for the status page test (Debian
+# packages); root or sudo installs them once.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || ls /usr/sbin/mosquitto >/dev/null 2>&1 || { \
 		echo "installing mosquitto (Debian package) for the MQTT bridge tests"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto; }
+	@test -x .cache/npm/node_modules/.bin/azurite-blob || command -v azurite-blob >/dev/null 2>&1 || { \
+		echo "installing azurite (npm) into .cache/npm for the object-storage tests"; \
+		command -v npm >/dev/null 2>&1 || { \
+			SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+			$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nodejs npm; }; \
+		npm install --prefix .cache/npm --no-audit --no-fund azurite; }
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium (Debian package) for the status page test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	@{ command -v nginx || ls /usr/sbin/nginx; } >/dev/null 2>&1 && command -v envsubst >/dev/null 2>&1 \
+		&& command -v systemd-analyze >/dev/null 2>&1 || { \
+		echo "installing nginx, gettext-base, systemd (Debian packages) for the deployment tests"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx gettext-base systemd; }
 
 install: $(STAMP)
 

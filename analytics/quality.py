@@ -7,12 +7,17 @@ from pathlib import Path
 import polars as pl
 
 from delta_processing.quality import QUALITY_LAYER, QUALITY_SCHEMA, QUALITY_TABLE
-from delta_processing.tables import TableStore
+from delta_processing.tables import TableStore, as_store
 
 
-def read_quality(data_dir: Path, source: str | None = None, last: int = 20) -> pl.DataFrame:
-    """The most recent quality rows (newest first), optionally of one source."""
-    table = TableStore(data_dir).open(QUALITY_LAYER, QUALITY_TABLE)
+def read_quality(
+    data_dir: TableStore | Path, source: str | None = None, last: int = 20
+) -> pl.DataFrame:
+    """The most recent quality rows (newest first), optionally of one source.
+
+    ``data_dir`` is the table store, or a local data directory holding the tables.
+    """
+    table = as_store(data_dir).open(QUALITY_LAYER, QUALITY_TABLE)
     if table is None:
         return pl.DataFrame(schema=QUALITY_SCHEMA)
     rows = pl.scan_delta(table)

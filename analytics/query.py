@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from analytics.views import connect
 from config.settings import Settings
+from delta_processing.tables import TableStore
 
 
 class QueryError(Exception):
@@ -73,8 +74,11 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise QueryRejected(f"only SELECT queries are allowed, not {kind.name}")
 
 
-def run_query(data_dir: Path, sql: str, limits: QueryLimits) -> pa.Table:
-    """Run read-only ``sql`` over fresh views of ``data_dir``; return the rows as Arrow."""
+def run_query(data_dir: TableStore | Path, sql: str, limits: QueryLimits) -> pa.Table:
+    """Run read-only ``sql`` over fresh views of the tables; return the rows as Arrow.
+
+    ``data_dir`` is the table store, or a local data directory holding the tables.
+    """
     con = connect(
         data_dir,
         sandboxed=True,

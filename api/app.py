@@ -8,13 +8,17 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
 
-from api import health, ingest, metrics, quality, query, sources
+from api import admin, health, ingest, metrics, quality, query, sources, status, tables, ui
 from api.body_limit import BodyLimitMiddleware
 from api.context import ApiContext
 from api.errors import install_error_handlers
+from api.metrics import ApiMetrics
+from api.observability import ObservabilityMiddleware
 from api.tokens import TokenStore
 from config.contracts import ContractRegistry, load_contracts
 from config.settings import Settings
+from delta_processing.operations import LockedRunner, OperationRunner
+from landing_zone.backlog import BacklogCollector
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
 
@@ -23,31 +27,44 @@ def create_app(
     settings: Settings,
     contracts: ContractRegistry | None = None,
     collectors: Sequence[Collector] = (),
+    operations: OperationRunner | None = None,
 ) -> FastAPI:
     """Build the API for ``settings`` (contracts default to those the settings point at).
 
-    ``collectors`` add to ``/metrics`` (e.g. the bridges running in this process).
+    ``collectors`` add to ``/metrics`` (e.g. the processor and bridges running in
+    this process); the API's own metrics and the landing backlog are always there.
+    ``operations`` runs admin operations: the in-process processor's runner under
+    ``lakehouse up``; by default each takes the processor lock itself.
     """
     app = FastAPI(
         title="Lakehouse ingestion API",
         version="0.1.0",
         description="POST records into the landing zone; query gold with DuckDB SQL.",
     )
+    api_metrics = ApiMetrics()
     app.state.context = ApiContext(
         settings=settings,
         contracts=contracts if contracts is not None else load_contracts(settings.contracts_dir),
         writer=LandingWriter(LandingLayout(settings.data_dir)),
         tokens=TokenStore(settings.tokens_file),
+        metrics=api_metrics,
+        operations=operations or LockedRunner(settings.data_dir),
     )
     app.state.metrics = CollectorRegistry()
-    for collector in collectors:
+    for collector in (api_metrics, BacklogCollector(LandingLayout(settings.data_dir)), *collectors):
         app.state.metrics.register(collector)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, ingest_max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: 413s from the body limit are logged and counted too.
+    app.add_middleware(ObservabilityMiddleware, metrics=api_metrics)
     app.include_router(health.router)
     app.include_router(ingest.router)
     app.include_router(query.router)
     app.include_router(sources.router)
     app.include_router(quality.router)
     app.include_router(metrics.router)
+    app.include_router(tables.router)
+    app.include_router(admin.router)
+    app.include_router(status.router)
+    app.include_router(ui.router)
     return app

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from api.metrics import ApiMetrics
 from api.tokens import TokenStore
 from config.contracts import ContractRegistry
 from config.settings import Settings
+from delta_processing.operations import OperationRunner
 from landing_zone.writer import LandingWriter
 
 
@@ -20,6 +22,8 @@ class ApiContext:
     contracts: ContractRegistry
     writer: LandingWriter
     tokens: TokenStore
+    metrics: ApiMetrics
+    operations: OperationRunner  # where admin operations run (see delta_processing.operations)
 
 
 def get_context(request: Request) -> ApiContext:

@@ -8,6 +8,7 @@ leaves nothing visible, so a client that got no ``202`` may safely retry.
 from __future__ import annotations
 
 import errno
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
@@ -104,8 +105,8 @@ async def ingest(
     limit = context.settings.max_body_bytes
     try:
         fmt = format_for_content_type(request.headers.get("content-type"))
-        body = await request.body()  # size capped by BodyLimitMiddleware
-        body = _decoded_body(body, request.headers.get("content-encoding", ""), limit)
+        raw_body = await request.body()  # size capped by BodyLimitMiddleware
+        body = _decoded_body(raw_body, request.headers.get("content-encoding", ""), limit)
         frame = await run_in_threadpool(decode_batch, body, fmt)
     except UnsupportedFormat as exc:
         raise ApiError(415, "unsupported_media_type", str(exc)) from None
@@ -116,7 +117,14 @@ async def ingest(
     if frame.height == 0:
         raise ApiError(400, "empty_batch", "the body holds no records")
     try:
-        receipt = await run_in_threadpool(context.writer.write_frame, source, frame)
+        receipt = await run_in_threadpool(
+            partial(
+                context.writer.write_frame,
+                source,
+                frame,
+                correlation_id=getattr(request.state, "correlation_id", None),
+            )
+        )
     except LandingWriteError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(
@@ -131,4 +139,7 @@ async def ingest(
             "landing zone is not writable; retry later",
             headers={"Retry-After": "5"},
         ) from None
+    context.metrics.ingested_batches.labels(source).inc()
+    context.metrics.ingested_records.labels(source).inc(receipt.records)
+    context.metrics.ingested_bytes.labels(source).inc(len(raw_body))
     return IngestAccepted(batch_id=receipt.batch_id, source=source, records=receipt.records)

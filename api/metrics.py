@@ -1,12 +1,72 @@
-"""``GET /metrics``: Prometheus metrics of this process (bridges, landing backlog)."""
+"""``GET /metrics``: Prometheus metrics of this process, and the API's own counters."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 router = APIRouter(tags=["health"])
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ApiMetrics(Collector):
+    """Requests by route and status, and what ingestion accepted per source."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "lakehouse_http_requests",
+            "HTTP requests answered, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=None,
+        )
+        self.latency = Histogram(
+            "lakehouse_http_request_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        )
+        self.ingested_batches = Counter(
+            "lakehouse_ingest_batches",
+            "Batches accepted (durable in the landing zone) per source.",
+            ["source"],
+            registry=None,
+        )
+        self.ingested_records = Counter(
+            "lakehouse_ingest_records",
+            "Records accepted per source.",
+            ["source"],
+            registry=None,
+        )
+        self.ingested_bytes = Counter(
+            "lakehouse_ingest_bytes",
+            "Request body bytes accepted per source (as sent, before gunzip).",
+            ["source"],
+            registry=None,
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        """All of the API's metrics."""
+        for metric in (
+            self.requests,
+            self.latency,
+            self.ingested_batches,
+            self.ingested_records,
+            self.ingested_bytes,
+        ):
+            yield from metric.collect()
 
 
 @router.get("/metrics", response_class=Response)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from analytics.catalog import table_store
 from analytics.quality import read_quality
 from analytics.results import rows_json
 from api.auth import scoped
@@ -25,5 +26,5 @@ async def quality(
     context: ApiContext = Depends(get_context),
 ) -> Response:
     """Rows in, passed, warned, dropped and quarantined per batch, and failures per rule."""
-    frame = await run_in_threadpool(read_quality, context.settings.data_dir, source, last)
+    frame = await run_in_threadpool(read_quality, table_store(context.settings), source, last)
     return Response(rows_json(frame.to_arrow()), media_type="application/json")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from cli.common import fail, load
 from config.settings import Settings
+from landing_zone.backlog import BacklogCollector
 from landing_zone.bridge_metrics import BridgeCollector, PartitionLag
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
@@ -82,11 +83,11 @@ def configured_bridges(settings: Settings) -> dict[str, RunningBridge]:
     return bridges
 
 
-def bridge_collector(settings: Settings, bridges: Mapping[str, RunningBridge]) -> BridgeCollector:
-    """The Prometheus collector of ``bridges`` and the landing backlog."""
+def bridge_collector(bridges: Mapping[str, RunningBridge]) -> BridgeCollector:
+    """The Prometheus collector of ``bridges`` (counters, and lag where a bridge has it)."""
     counters = {name: bridge.counters for name, bridge in bridges.items()}
     lags = {name: bridge.lag for name, bridge in bridges.items() if bridge.lag is not None}
-    return BridgeCollector(counters, landing_backlog(LandingLayout(settings.data_dir)), lags)
+    return BridgeCollector(counters, lags)
 
 
 def start_bridges(
@@ -112,7 +113,8 @@ def _run_one(name: str, config: Path | None, metrics_port: int | None) -> None:
         fail(f"no {name} bridge configured: pass --config or set LAKEHOUSE_{name.upper()}_CONFIG")
     if metrics_port is not None:
         registry = CollectorRegistry()
-        registry.register(bridge_collector(settings, {name: bridge}))
+        registry.register(bridge_collector({name: bridge}))
+        registry.register(BacklogCollector(LandingLayout(settings.data_dir)))
         start_http_server(metrics_port, addr=settings.api_host, registry=registry)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # flush the open batch, then exit

@@ -6,6 +6,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
@@ -13,6 +14,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.archive import archive_app
 from cli.bridges import bridge_app, bridge_collector, configured_bridges, start_bridges
 from cli.common import err, fail, load, out
 from config.contracts import ContractError, ContractRegistry
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
     from prometheus_client.registry import Collector
 
+    from delta_processing.operations import OperationRunner
     from delta_processing.processor import ProcessorLock
     from delta_processing.tables import Layer
 
@@ -39,6 +42,7 @@ app.add_typer(sources_app, name="sources")
 retention_app = typer.Typer(help="Expire old rows per layer.", no_args_is_help=True)
 app.add_typer(retention_app, name="retention")
 app.add_typer(bridge_app, name="bridge")
+app.add_typer(archive_app, name="archive")
 replay_app = typer.Typer(
     help="Send set-aside rows back through the pipeline.", no_args_is_help=True
 )
@@ -49,6 +53,8 @@ class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
+    arrow = "arrow"
+    parquet = "parquet"
 
 
 def _ensure_admin_token(settings: Settings) -> None:
@@ -67,7 +73,10 @@ def _ensure_admin_token(settings: Settings) -> None:
 
 
 def _serve(
-    settings: Settings, contracts: ContractRegistry, collectors: Sequence[Collector] = ()
+    settings: Settings,
+    contracts: ContractRegistry,
+    collectors: Sequence[Collector] = (),
+    operations: OperationRunner | None = None,
 ) -> None:
     """Serve the API until SIGTERM/SIGINT, then return so callers can shut down cleanly."""
     import signal
@@ -77,7 +86,7 @@ def _serve(
     from api.app import create_app
 
     config = uvicorn.Config(
-        create_app(settings, contracts, collectors),
+        create_app(settings, contracts, collectors, operations),
         host=settings.api_host,
         port=settings.api_port,
         log_level=settings.log_level.lower(),
@@ -96,6 +105,7 @@ def up(
     port: Annotated[int | None, typer.Option(help="API port.")] = None,
 ) -> None:
     """Run everything in one process: the API and the processor, on the local data dir."""
+    from delta_processing.operations import ProcessorRunner
     from delta_processing.processor import Processor, ProcessorLockedError
 
     settings, contracts = load(api_host=host, api_port=port)
@@ -133,7 +143,12 @@ def up(
         )
     )
     try:
-        _serve(settings, contracts, [bridge_collector(settings, configured)])
+        _serve(
+            settings,
+            contracts,
+            [bridge_collector(configured), processor.metrics],
+            ProcessorRunner(processor),
+        )
     finally:
         stop.set()  # bridges flush their open batch; the processor finishes its cycle
         processor.wake.set()
@@ -150,7 +165,7 @@ def api(
 ) -> None:
     """Run only the ingestion/query API."""
     settings, contracts = load(api_host=host, api_port=port)
-    _serve(settings, contracts, [bridge_collector(settings, {})])  # landing backlog
+    _serve(settings, contracts)
 
 
 @app.command()
@@ -158,14 +173,27 @@ def process(
     once: Annotated[
         bool, typer.Option("--once", help="Drain the landing zone, then exit.")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics of the processor on this port (API host)."),
+    ] = None,
 ) -> None:
     """Run only the processor (landing -> bronze -> silver -> gold)."""
     import signal
 
+    from prometheus_client import CollectorRegistry, start_http_server
+
     from delta_processing.processor import Processor, ProcessorLockedError
+    from landing_zone.backlog import BacklogCollector
+    from landing_zone.layout import LandingLayout
 
     settings, contracts = load()
     processor = Processor(settings, contracts)
+    if metrics_port is not None:
+        registry = CollectorRegistry()
+        registry.register(processor.metrics)
+        registry.register(BacklogCollector(LandingLayout(settings.data_dir)))
+        start_http_server(metrics_port, addr=settings.api_host, registry=registry)
     try:
         if once:
             report = processor.run_once()
@@ -195,39 +223,54 @@ def sql(
     output: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="Output format.")
     ] = OutputFormat.table,
+    destination: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the result to this file (default: stdout)."),
+    ] = None,
 ) -> None:
     """Run read-only SQL over the lakehouse tables (e.g. gold.readings_hourly)."""
     from analytics.query import QueryError, QueryLimits, run_query
-    from analytics.results import rows_json, to_frame
+    from analytics.results import RESULT_FORMATS, encode_result, to_frame
+    from delta_processing.tables import TableStore
 
     settings, _ = load()
+    binary = output in (OutputFormat.arrow, OutputFormat.parquet)
+    if binary and destination is None and sys.stdout.isatty():
+        fail(f"--format {output.value} is binary: pass --output FILE or redirect stdout")
     limits = QueryLimits.from_settings(settings)
     try:
-        result = run_query(settings.data_dir, query, limits)
+        result = run_query(TableStore.from_settings(settings), query, limits)
     except QueryError as exc:
         fail(str(exc), code=1)
-    if output is OutputFormat.json:
-        sys.stdout.write(rows_json(result) + "\n")
+    if output is not OutputFormat.table:
+        fmt = next(f for f in RESULT_FORMATS if f == output.value)
+        content = encode_result(result, fmt)
+        if output is OutputFormat.json:
+            content += b"\n"
+        if destination is not None:
+            destination.write_bytes(content)
+            err.print(f"{result.num_rows} row(s) written to {destination}")
+        else:
+            sys.stdout.buffer.write(content)
+            sys.stdout.flush()
         return
     frame = to_frame(result)
-    if output is OutputFormat.csv:
-        sys.stdout.write(frame.write_csv())
-    else:
-        table = Table(*frame.columns, show_lines=False)
-        for row in frame.iter_rows():
-            table.add_row(*("" if v is None else str(v) for v in row))
-        out.print(table)
-        err.print(f"{frame.height} row(s)")
+    table = Table(*frame.columns, show_lines=False)
+    for row in frame.iter_rows():
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+    err.print(f"{frame.height} row(s)")
 
 
 @app.command()
 def tables() -> None:
     """List every Delta table with its version, files and rows."""
     from analytics.catalog import snapshot_tables
+    from delta_processing.tables import TableStore
 
     settings, _ = load()
     table = Table("table", "version", "files", "rows", "columns")
-    for snap in snapshot_tables(settings.data_dir):
+    for snap in snapshot_tables(TableStore.from_settings(settings)):
         rows = snap.table.count()
         table.add_row(
             snap.qualified_name,
@@ -300,9 +343,10 @@ def quality(
 ) -> None:
     """Show per-batch data-quality metrics (rows in, passed, warned, dropped, quarantined)."""
     from analytics.quality import read_quality
+    from delta_processing.tables import TableStore
 
     settings, _ = load()
-    frame = read_quality(settings.data_dir, source, last)
+    frame = read_quality(TableStore.from_settings(settings), source, last)
     table = Table(
         "source", "bronze v", "evaluated at", "in", "passed", "warned", "dropped",
         "quarantined", "failed expectations",
@@ -372,7 +416,7 @@ def refresh(
     lock = _holding_processor_lock(settings)
     try:
         with _spinner(f"rebuilding {table}"):
-            result = rebuild(TableStore(settings.data_dir), contract, target)
+            result = rebuild(TableStore.from_settings(settings), contract, target)
     except RefreshRefused as exc:
         fail(str(exc), code=1)
     finally:
@@ -402,7 +446,7 @@ def backfill(
     lock = _holding_processor_lock(settings)
     try:
         with _spinner(f"backfilling {source}"):
-            result = reprocess(TableStore(settings.data_dir), contracts[source], start, end)
+            result = reprocess(TableStore.from_settings(settings), contracts[source], start, end)
     except RefreshRefused as exc:
         fail(str(exc), code=1)
     finally:
@@ -434,7 +478,7 @@ def optimize(
     from delta_processing.tables import TableStore
 
     settings, contracts = load()
-    store = TableStore(settings.data_dir)
+    store = TableStore.from_settings(settings)
     policy = policy_for(settings)
     lock = _holding_processor_lock(settings)
     try:
@@ -471,7 +515,7 @@ def vacuum(
     from delta_processing.tables import TableStore
 
     settings, contracts = load()
-    store = TableStore(settings.data_dir)
+    store = TableStore.from_settings(settings)
     targets = list(all_tables(store)) if table is None else [_parse_table(table)]
     lock = _holding_processor_lock(settings)
     try:
@@ -498,7 +542,7 @@ def retention_apply() -> None:
     try:
         with _spinner("expiring old rows"):
             results = apply_retention(
-                TableStore(settings.data_dir),
+                TableStore.from_settings(settings),
                 list(contracts.values()),
                 RetentionPolicy.from_settings(settings),
                 datetime.now(UTC),
@@ -518,13 +562,16 @@ def replay_quarantine_command(
 ) -> None:
     """Replay quarantined rows of a source (after fixing its contract), exactly once."""
     from delta_processing.replay import replay_quarantine
+    from delta_processing.tables import TableStore
 
     settings, contracts = load()
     if source not in contracts:
         fail(f"unknown source {source!r}")
     lock = _holding_processor_lock(settings)  # its delete must not race quarantine appends
     try:
-        result = replay_quarantine(settings.data_dir, source, dry_run=dry_run)
+        result = replay_quarantine(
+            settings.data_dir, source, dry_run=dry_run, store=TableStore.from_settings(settings)
+        )
     finally:
         lock.release()
     verb = "would replay" if dry_run else "replayed"

@@ -12,16 +12,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 ENV_PREFIX = "LAKEHOUSE_"
 CONFIG_FILE_ENV = "LAKEHOUSE_CONFIG_FILE"
+# A directory of one-file-per-setting secrets (Docker/compose secrets: /run/secrets): the
+# file `lakehouse_archive_connection_string` (any case) sets archive_connection_string.
+# Lowest precedence: the environment, `.env` and the TOML file win over it.
+SECRETS_DIR_ENV = "LAKEHOUSE_SECRETS_DIR"
+
+# URI schemes the Delta tables may live under (deltalake/object_store); `file` and plain
+# paths are local.
+STORAGE_SCHEMES = ("az", "abfs", "abfss", "adl", "azure", "s3", "s3a", "gs", "gcs", "file")
+# Settings whose values are credentials: never echoed in errors (or repr, via SecretStr).
+SECRET_SETTINGS = frozenset(
+    {"storage_options", "azure_storage_account_key", "archive_connection_string"}
+)
 
 
 class SettingsError(ValueError):
@@ -71,6 +84,9 @@ class Settings(BaseSettings):
     rescan_interval_s: float = Field(
         10.0, gt=0, le=3600, description="Periodic landing re-scan for missed events."
     )
+    ready_max_backlog_age_s: float | None = Field(
+        300.0, gt=0, description="/ready fails while a landing file waits longer (unset: never)."
+    )
     query_timeout_s: float = Field(30.0, gt=0, le=3600)
     query_max_rows: int = Field(100_000, ge=1)
     query_memory_limit_mb: int = Field(1024, ge=64, description="DuckDB memory per query.")
@@ -91,6 +107,48 @@ class Settings(BaseSettings):
     kafka_config: Path | None = Field(
         None, description="TOML/JSON file of the Kafka bridge (`lakehouse up` starts it if set)."
     )
+    storage_uri: str | None = Field(
+        None,
+        description="Where the Delta tables live: az://container/prefix, abfs[s]://..., "
+        "s3://bucket/prefix, gs://bucket/prefix or a local path. Unset: under data_dir. "
+        "The landing zone, locks and replay intents stay under data_dir (local disk).",
+    )
+    storage_options: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="deltalake/object_store options for storage_uri (JSON object in the "
+        "environment), e.g. account_key, aws_access_key_id, aws_endpoint, use_emulator.",
+    )
+    azure_storage_account_name: str | None = Field(
+        None, description="Azure account of az:// tables and of the archive container."
+    )
+    azure_storage_account_key: SecretStr | None = Field(
+        None, description="Key of azure_storage_account_name."
+    )
+    archive_uri: str | None = Field(
+        None,
+        description="az://container[/prefix]: processed landing files (data_dir/archive) are "
+        "uploaded there. Unset: the local archive is kept and never pruned.",
+    )
+    archive_connection_string: SecretStr | None = Field(
+        None,
+        description="Azure Storage connection string for archive uploads (else the account "
+        "name and key are used).",
+    )
+    archive_account_url: str | None = Field(
+        None,
+        description="Blob endpoint of the archive account; default "
+        "https://<account>.blob.core.windows.net.",
+    )
+    archive_upload_concurrency: int = Field(4, ge=1, le=64, description="Parallel uploads.")
+    archive_upload_retries: int = Field(
+        5, ge=0, le=50, description="Retries of an upload after a transient error."
+    )
+    archive_retention_days: float | None = Field(
+        None,
+        ge=0,
+        description="Remove a local archive file this many days after it landed, once its "
+        "upload is verified. Unset: never remove.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     crash_at: str | None = Field(
         None,
@@ -102,6 +160,37 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _check_storage_uri(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if "://" not in value:
+            return value  # a local path
+        scheme, _, rest = value.partition("://")
+        if scheme.lower() not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}; LAKEHOUSE_STORAGE_URI takes az://, abfs://, "
+                "abfss://, s3://, gs://, file:// or a local path"
+            )
+        if scheme.lower() != "file" and not rest.split("/", 1)[0]:
+            raise ValueError(f"LAKEHOUSE_STORAGE_URI needs a container or bucket: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("archive_uri")
+    @classmethod
+    def _check_archive_uri(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme, sep, rest = value.strip().partition("://")
+        if not sep or scheme.lower() != "az" or not rest.split("/", 1)[0]:
+            raise ValueError(
+                "LAKEHOUSE_ARCHIVE_URI must be az://<container> or az://<container>/<prefix>, "
+                f"not {value!r}"
+            )
+        return value.strip().rstrip("/")
 
     @classmethod
     def settings_customise_sources(
@@ -116,7 +205,12 @@ class Settings(BaseSettings):
         config_file = os.environ.get(CONFIG_FILE_ENV)
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
-        sources.append(file_secret_settings)
+        secrets_dir = os.environ.get(SECRETS_DIR_ENV)
+        sources.append(
+            SecretsSettingsSource(settings_cls, secrets_dir=Path(secrets_dir))
+            if secrets_dir
+            else file_secret_settings
+        )
         return tuple(sources)
 
     @property
@@ -130,6 +224,9 @@ def load_settings(**overrides: Any) -> Settings:
     config_file = os.environ.get(CONFIG_FILE_ENV)
     if config_file and not Path(config_file).is_file():
         raise SettingsError(f"{CONFIG_FILE_ENV}: config file {config_file!r} does not exist")
+    secrets_dir = os.environ.get(SECRETS_DIR_ENV)
+    if secrets_dir and not Path(secrets_dir).is_dir():
+        raise SettingsError(f"{SECRETS_DIR_ENV}: secrets directory {secrets_dir!r} does not exist")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -142,6 +239,6 @@ def describe_validation_error(exc: ValidationError) -> str:
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "<root>"
         env_name = ENV_PREFIX + field.upper()
-        value = error.get("input")
+        value = "**********" if field.split(".")[0] in SECRET_SETTINGS else error.get("input")
         lines.append(f"  {env_name} (={value!r}): {error['msg']}")
     return "\n".join(lines)

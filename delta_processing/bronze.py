@@ -44,6 +44,7 @@ from delta_processing.tables import (
 )
 from landing_zone.formats import BatchDecodeError, read_batch_file
 from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
+from landing_zone.writer import batch_time, correlation_id_of
 
 BRONZE_APP_ID = "lakehouse/bronze"
 # A claim whose append fails this many times in a row is set aside (file quarantine).
@@ -61,6 +62,8 @@ class BronzeBatchResult:
     files: int
     rows: int
     quarantined_files: int
+    landed_at: tuple[datetime, ...] = ()  # per file read: when its writer made it durable
+    correlation_ids: tuple[str, ...] = ()  # of the requests whose files this batch holds
 
 
 @dataclass(frozen=True)
@@ -172,15 +175,22 @@ class BronzeIngestor:
         spellings = self._existing_spellings(source)
         frames: list[pl.DataFrame] = []
         quarantined = 0
+        landed_at: list[datetime] = []
+        correlation_ids: list[str] = []
         files = sorted(p for p in claim_dir.iterdir() if p.is_file())
         for path in files:
             order, name = split_claimed_name(path.name)
+            content = path.read_bytes()
             try:
-                raw = read_batch_file(path.read_bytes(), name, self._limits.max_file_bytes)
+                raw = read_batch_file(content, name, self._limits.max_file_bytes)
             except BatchDecodeError as exc:
                 self._quarantine_file(source, path, str(exc))
                 quarantined += 1
                 continue
+            landed_at.append(batch_time(name) or _modified_at(path))
+            correlation = correlation_id_of(content, name)
+            if correlation:
+                correlation_ids.append(correlation)
             lineage = with_lineage(raw, source, name, ingested_at, spellings)
             frames.append(lineage.with_columns(pl.lit(order, dtype=pl.Int64).alias("_file_order")))
         rows = 0
@@ -195,11 +205,12 @@ class BronzeIngestor:
                 self._store.uri(*target_table(source)),
                 batch,
                 commit_marker(
-                    BRONZE_APP_ID, seq, positions, **{"lakehouse.files": str(len(frames))}
+                    BRONZE_APP_ID, seq, positions, **_commit_metadata(frames, correlation_ids)
                 ),
                 evolve_schema=True,
                 cdf=True,
                 partition_by=partition_by,
+                storage_options=self._store.options,
             )
             self._crash.reached("after_bronze_commit")
         log.info(
@@ -209,9 +220,12 @@ class BronzeIngestor:
             files=len(frames),
             rows=rows,
             quarantined_files=quarantined,
+            correlation_ids=correlation_ids,
         )
         self._archive(source, claim_dir)
-        return BronzeBatchResult(source, seq, len(frames), rows, quarantined)
+        return BronzeBatchResult(
+            source, seq, len(frames), rows, quarantined, tuple(landed_at), tuple(correlation_ids)
+        )
 
     def _table(self, source: str) -> DeltaTable | None:
         return self._store.open(*target_table(source))
@@ -268,6 +282,18 @@ class BronzeIngestor:
         shutil.move(path, target)
         fsync_directory(target_dir)
         log.warning("bronze.file_quarantined", source=source, file=name, error=error)
+
+
+def _modified_at(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+
+
+def _commit_metadata(frames: list[pl.DataFrame], correlation_ids: list[str]) -> dict[str, str]:
+    """Custom commit metadata of a bronze batch: file count, and the requests it holds."""
+    metadata = {"lakehouse.files": str(len(frames))}
+    if correlation_ids:
+        metadata["lakehouse.correlation_ids"] = json.dumps(correlation_ids)
+    return metadata
 
 
 def target_table(source: str) -> tuple[Layer, str]:

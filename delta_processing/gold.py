@@ -182,6 +182,7 @@ def rebuild_gold(
         mode="overwrite",
         schema_mode="overwrite",
         commit_properties=commit_marker(GOLD_APP_ID, version, **{REFRESH_MARK: "full"}),
+        storage_options=store.options,
     )
     sync_latest_commit(store.uri("gold", spec.name))
     log.info("gold.rebuilt", table=spec.name, rows=rows.height, silver_version=version)
@@ -305,7 +306,12 @@ class GoldRefresher:
             )
         marker = commit_marker(GOLD_APP_ID, silver_version)
         if gold is None or touched.is_empty():
-            append(self._store.uri("gold", spec.name), result, marker)
+            append(
+                self._store.uri("gold", spec.name),
+                result,
+                marker,
+                storage_options=self._store.options,
+            )
         else:
             windows = ", ".join(f"'{w.isoformat()}'" for w in touched.sort().to_list())
             write_deltalake(

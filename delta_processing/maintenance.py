@@ -35,17 +35,25 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import structlog
 from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError
 
 from config.settings import Settings
-from delta_processing.tables import Layer, TableStore, fsync_file, local_root, sync_commit
+from delta_processing.tables import (
+    Layer,
+    TableStore,
+    fsync_file,
+    local_root,
+    reopen,
+    sync_commit,
+    table_filesystem,
+)
 from landing_zone.layout import fsync_directory
 
 MiB = 1024 * 1024
@@ -297,12 +305,14 @@ def checkpoint_if_due(table: DeltaTable, policy: MaintenancePolicy) -> bool:
 
 
 def last_checkpoint_version(table: DeltaTable) -> int | None:
-    """Version of the table's newest checkpoint (``_last_checkpoint``), if any (local tables)."""
+    """Version of the table's newest checkpoint (``_last_checkpoint``), if any."""
     root = local_root(table)
-    if root is None:
-        return None
     try:
-        pointer = json.loads((root / "_delta_log" / "_last_checkpoint").read_text("utf-8"))
+        if root is None:  # object storage
+            with table_filesystem(table).open_input_stream("_delta_log/_last_checkpoint") as f:
+                pointer = json.loads(f.read())
+        else:
+            pointer = json.loads((root / "_delta_log" / "_last_checkpoint").read_text("utf-8"))
     except (FileNotFoundError, ValueError):
         return None
     return int(pointer["version"])
@@ -317,22 +327,23 @@ def cleanup_log(
     a lagging change-feed consumer: nothing is deleted while the log entry of
     that version is itself past the retention. Applies the policy's table
     properties first (see :func:`apply_policy_properties`). Returns the number
-    of log files removed (0 for tables that are not local).
+    of log files removed.
     """
     if policy.log_retention is None:
         return 0
     apply_policy_properties(table, policy)
-    root = local_root(table)
-    if root is not None and keep_from_version is not None:
-        kept = root / "_delta_log" / f"{keep_from_version:020d}.json"
+    if keep_from_version is not None:
+        kept = table_filesystem(table).get_file_info(f"_delta_log/{keep_from_version:020d}.json")
         cutoff = time.time() - policy.log_retention.total_seconds()
-        if kept.exists() and kept.stat().st_mtime < cutoff:
+        # An entry of unknown age is held too: better a longer log than a lost change feed.
+        age_unknown = kept.mtime_ns is None
+        if kept.type == pafs.FileType.File and (age_unknown or kept.mtime_ns / 1e9 < cutoff):
             log.warning("maintenance.log_cleanup_held", table=table.table_uri,
                         keep_from_version=keep_from_version)  # fmt: skip
             return 0
-    before = _log_files(root)
+    before = _log_files(table)
     table.cleanup_metadata()
-    removed = len(before - _log_files(root))
+    removed = len(before - _log_files(table))
     if removed:
         log.info("maintenance.log_cleaned", table=table.table_uri, removed=removed)
     return removed
@@ -370,10 +381,10 @@ def vacuum(
     if keep_from_version is not None:
         options["keep_versions"] = list(range(max(keep_from_version, 0), table.version() + 1))
     listed = table.vacuum(dry_run=True, **options)
-    root = local_root(table)
-    if root is None:
-        return listed if dry_run else table.vacuum(dry_run=False, **options)
-    gone = {path for path in listed if not (root / unquote(path)).exists()}
+    files = table_filesystem(table)
+    gone = {
+        path for path in listed if files.get_file_info(unquote(path)).type == pafs.FileType.NotFound
+    }
     candidates = [path for path in listed if path not in gone]
     if dry_run or not candidates:
         return candidates
@@ -423,7 +434,7 @@ def committed_version(table: DeltaTable, read_version: int, run: str) -> int:
     """
     root = local_root(table)
     if root is None:
-        fresh = DeltaTable(table.table_uri)
+        fresh = reopen(table)
         for entry in fresh.history(limit=max(fresh.version() - read_version, 1)):
             if entry.get(RUN_KEY) == run:
                 return int(entry["version"])
@@ -447,7 +458,6 @@ def _file_name(path_or_uri: str) -> str:
     return unquote(path_or_uri).rsplit("/", 1)[-1]
 
 
-def _log_files(root: Path | None) -> set[str]:
-    if root is None:
-        return set()
-    return {p.name for p in (root / "_delta_log").iterdir() if p.name[:1].isdigit()}
+def _log_files(table: DeltaTable) -> set[str]:
+    found = table_filesystem(table).get_file_info(pafs.FileSelector("_delta_log"))
+    return {info.base_name for info in found if info.base_name[:1].isdigit()}

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import structlog
 
@@ -28,6 +31,7 @@ from delta_processing.expectations import check_contracts
 from delta_processing.gold import GoldRefresher, GoldResult
 from delta_processing.housekeeping import maintain_all
 from delta_processing.maintenance import policy_for
+from delta_processing.metrics import PipelineMetrics
 from delta_processing.retention import RetentionPolicy, apply_retention
 from delta_processing.silver import SilverPromoter, SilverResult
 from delta_processing.tables import TableStore
@@ -37,8 +41,15 @@ from landing_zone.watcher import LandingWatcher
 log = structlog.get_logger(__name__)
 
 
+T = TypeVar("T")
+
+
 class ProcessorLockedError(RuntimeError):
     """Another processor already owns this data directory."""
+
+
+class ProcessorStopped(RuntimeError):
+    """The processor stopped before it ran a submitted operation."""
 
 
 @dataclass
@@ -53,6 +64,14 @@ class CycleReport:
     @property
     def did_work(self) -> bool:
         return bool(self.bronze or self.silver or self.gold)
+
+
+def _observe_stage(
+    metrics: PipelineMetrics, stage: str, source: str, started: float, rows: int
+) -> None:
+    metrics.stage_seconds.labels(stage).observe(time.perf_counter() - started)
+    metrics.stage_batches.labels(stage, source).inc()
+    metrics.stage_rows.labels(stage, source).inc(rows)
 
 
 class ProcessorLock:
@@ -86,12 +105,18 @@ class ProcessorLock:
 class Processor:
     """Promotes landing files through bronze, silver and gold."""
 
-    def __init__(self, settings: Settings, contracts: ContractRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        contracts: ContractRegistry,
+        metrics: PipelineMetrics | None = None,
+    ) -> None:
         check_contracts(contracts.values())  # a broken rule stops us at start, not mid-batch
         self._settings = settings
         self._contracts = contracts
+        self.metrics = metrics or PipelineMetrics()
         self._layout = LandingLayout(settings.data_dir)
-        store = TableStore(settings.data_dir)
+        store = TableStore.from_settings(settings)
         crash = CrashPoints(settings.crash_at)
         limits = BronzeLimits(
             max_files=settings.batch_max_files,
@@ -109,6 +134,11 @@ class Processor:
         self._lock = ProcessorLock(settings.data_dir)
         self.wake = threading.Event()
         self.started = threading.Event()  # set once the lock is held and the watcher runs
+        self._operations: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._operations_lock = threading.Lock()
+        self._accepting = False  # operations are taken only while run_forever runs
 
     def run_cycle(self) -> CycleReport:
         """Drain the landing zone once: every source, every stage. Failures are reported.
@@ -133,6 +163,7 @@ class Processor:
                     # Polars/deltalake panics are BaseExceptions: a bad source must
                     # not kill the processor or starve the others.
                     log.exception("processor.source_failed", source=source)
+                    self.metrics.stage_failures.labels(source).inc()
                     report.failures.append(f"{source}: {exc}")
             pending = still_busy
             first_turn = False
@@ -140,20 +171,46 @@ class Processor:
 
     def _step(self, source: str, report: CycleReport) -> bool:
         """One bronze micro-batch of ``source``, then silver and gold; True if bronze had work."""
+        metrics = self.metrics
+        started = time.perf_counter()
         batch = self._bronze.ingest_next(source)
         if batch is not None:
             report.bronze.append(batch)
+            _observe_stage(metrics, "bronze", source, started, batch.rows)
+            if batch.quarantined_files:
+                metrics.quarantined_files.labels(source).inc(batch.quarantined_files)
         contract = self._contracts.get(source)
         if contract is not None:
+            started = time.perf_counter()
             promoted = self._silver.promote(contract)
             if promoted is not None:
                 report.silver.append(promoted)
-            report.gold.extend(self._gold.refresh(contract))
+                _observe_stage(metrics, "silver", source, started, promoted.upserted)
+                for outcome, rows in (
+                    ("in", promoted.rows_in),
+                    ("upserted", promoted.upserted),
+                    ("quarantined", promoted.quarantined),
+                ):
+                    metrics.quality_rows.labels(source, outcome).inc(rows)
+            started = time.perf_counter()
+            refreshed = self._gold.refresh(contract)
+            report.gold.extend(refreshed)
+            if refreshed:
+                metrics.stage_seconds.labels("gold").observe(time.perf_counter() - started)
+            for result in refreshed:
+                metrics.stage_batches.labels("gold", result.table).inc()
+                metrics.stage_rows.labels("gold", result.table).inc(result.groups_touched)
+            if batch is not None and batch.landed_at and contract.gold:
+                # This step carried the batch all the way: bronze, silver, then gold.
+                metrics.observe_end_to_end(source, [min(batch.landed_at)])
+                for result in refreshed:
+                    metrics.record_gold_data(result.table, max(batch.landed_at))
         return batch is not None
 
     def housekeeping(self) -> None:
         """Compact, checkpoint and clean every table, then expire rows past retention."""
-        store = TableStore(self._settings.data_dir)
+        started = time.perf_counter()
+        store = TableStore.from_settings(self._settings)
         reports = maintain_all(store, self._contracts, policy_for(self._settings))
         compacted = [r for r in reports if r.compaction.ran]
         expired = apply_retention(
@@ -162,8 +219,75 @@ class Processor:
             RetentionPolicy.from_settings(self._settings),
             datetime.now(UTC),
         )
+        self._archive_upload()
+        runs = self.metrics.maintenance_runs
+        runs.labels("compaction").inc(len(compacted))
+        runs.labels("checkpoint").inc(sum(r.checkpointed for r in reports))
+        runs.labels("log_cleanup").inc(sum(r.log_files_removed > 0 for r in reports))
+        runs.labels("retention").inc(len(expired))
+        self.metrics.housekeeping_seconds.set(time.perf_counter() - started)
         log.info("processor.housekeeping", tables=len(reports), compacted=len(compacted),
                  expired=[r.table for r in expired])  # fmt: skip
+
+    def _archive_upload(self) -> None:
+        """Upload the landing archive and prune it, when ``LAKEHOUSE_ARCHIVE_URI`` is set.
+
+        Failures are logged, never raised: the archive waits locally for the next run.
+        """
+        if self._settings.archive_uri is None:
+            return
+        from landing_zone.archive_upload import ArchiveUploader  # azure SDK only when used
+
+        try:
+            uploader = ArchiveUploader.from_settings(self._settings)
+            if uploader is None:
+                return
+            uploader.upload_pending()
+            days = self._settings.archive_retention_days
+            if days is not None:
+                uploader.prune(timedelta(days=days))
+        except Exception:
+            log.exception("processor.archive_upload_failed")
+
+    def submit(self, work: Callable[[], T]) -> Future[T]:
+        """Run ``work`` in the processor's thread, between micro-batches, under its lock.
+
+        For on-demand maintenance (admin API) while :meth:`run_forever` runs: the
+        work never races a pipeline commit. The future fails with
+        :class:`ProcessorStopped` if the processor stops first.
+        """
+        future: Future[T] = Future()
+        with self._operations_lock:
+            if not self._accepting:
+                future.set_exception(ProcessorStopped("the processor is not running; retry"))
+                return future
+            self._operations.put((work, future))
+        self.wake.set()
+        return future
+
+    def _run_operations(self) -> None:
+        while True:
+            try:
+                work, future = self._operations.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # handed to the caller, whatever it was
+                future.set_exception(exc)
+
+    def _abandon_operations(self) -> None:
+        with self._operations_lock:
+            self._accepting = False
+        while True:
+            try:
+                _, future = self._operations.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ProcessorStopped("the processor stopped; retry"))
 
     def run_once(self) -> CycleReport:
         """Take the lock, drain everything, release (for `lakehouse process --once`).
@@ -190,6 +314,8 @@ class Processor:
         self._lock.acquire()
         watcher = LandingWatcher(self._layout.landing_root, self.wake)
         watcher.start()
+        with self._operations_lock:
+            self._accepting = True
         self.started.set()
         log.info("processor.started", data_dir=str(self._settings.data_dir))
         backoff = 0.0
@@ -197,6 +323,7 @@ class Processor:
         try:
             while not stop.is_set():
                 self.wake.clear()
+                self._run_operations()
                 report = self.run_cycle()
                 backoff = min(max(backoff * 2, 0.5), 30.0) if report.failures else 0.0
                 if report.did_work and not report.failures:
@@ -216,5 +343,6 @@ class Processor:
                 time.sleep(self._settings.trigger_latency_ms / 1000)
         finally:
             watcher.stop()
+            self._abandon_operations()
             self._lock.release()
             log.info("processor.stopped")

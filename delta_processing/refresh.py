@@ -37,6 +37,7 @@ from delta_processing.tables import (
     merge,
     read_changes,
     read_snapshot,
+    reopen,
     sync_latest_commit,
     to_arrow,
 )
@@ -69,7 +70,7 @@ def all_bronze_rows(bronze: DeltaTable, version: int) -> pl.DataFrame:
     except Exception as exc:
         log.info("refresh.bronze_from_snapshot", reason=str(exc).splitlines()[0])
     try:
-        snapshot = DeltaTable(bronze.table_uri, version=version)
+        snapshot = reopen(bronze, version)
     except Exception:  # that version's log is gone too: the newest is the closest
         snapshot = bronze
     rows = read_snapshot(snapshot).collect()
@@ -111,6 +112,7 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
         store.uri(QUALITY_LAYER, QUALITY_TABLE),
         quality_row(contract, end, batch.quality(contract, 0)),
         commit_marker(quality_app_id(source), end),
+        storage_options=store.options,
     )
     rebuilt: list[tuple[Layer, str, pl.DataFrame]] = [
         ("quarantine", QUARANTINE_APP_ID, quarantine_rows(batch.quarantined)),
@@ -125,6 +127,7 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
             partition_by=(silver_partitions(contract) if layer == "silver" else None) or None,
             configuration=CDF_CONFIGURATION if layer == "silver" else None,
             commit_properties=commit_marker(app_id, end, **{REFRESH_MARK: "full"}),
+            storage_options=store.options,
         )
         sync_latest_commit(store.uri(layer, source))
     rows_written = batch.passed.height

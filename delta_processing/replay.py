@@ -50,9 +50,15 @@ def _batch_exists(layout: LandingLayout, data_dir: Path, source: str, batch_id: 
     return any(any(found) for found in places)
 
 
-def replay_quarantine(data_dir: Path, source: str, *, dry_run: bool = False) -> ReplayResult:
-    """Send every row quarantined so far for ``source`` back through the pipeline."""
-    store = TableStore(data_dir)
+def replay_quarantine(
+    data_dir: Path, source: str, *, dry_run: bool = False, store: TableStore | None = None
+) -> ReplayResult:
+    """Send every row quarantined so far for ``source`` back through the pipeline.
+
+    ``data_dir`` holds the landing zone and the replay intent; ``store`` the tables
+    (default: under ``data_dir``).
+    """
+    store = store or TableStore(data_dir)
     table = store.open("quarantine", source)
     intent_path = _intent_path(data_dir, source)
     if table is None:

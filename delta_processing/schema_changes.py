@@ -14,7 +14,7 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.schema import Field
 
-from delta_processing.tables import REFRESH_MARK, sync_latest_commit, to_arrow
+from delta_processing.tables import REFRESH_MARK, reopen, sync_latest_commit, to_arrow
 
 log = structlog.get_logger(__name__)
 
@@ -72,4 +72,4 @@ def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> Delta
     )
     sync_latest_commit(table)
     log.info("schema.columns_widened", table=label, columns=sorted(changed))
-    return DeltaTable(table.table_uri)
+    return reopen(table)

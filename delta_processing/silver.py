@@ -252,6 +252,7 @@ class SilverPromoter:
             self._store.uri(QUALITY_LAYER, QUALITY_TABLE),
             quality_row(contract, end, quality),
             commit_marker(quality_app_id(contract.name), end),
+            storage_options=self._store.options,
         )
 
     def _write_quarantine(self, source: str, rejected: pl.DataFrame, bronze_version: int) -> None:
@@ -260,6 +261,7 @@ class SilverPromoter:
             quarantine_rows(rejected),
             commit_marker(QUARANTINE_APP_ID, bronze_version),
             evolve_schema=True,
+            storage_options=self._store.options,
         )
         self._crash.reached("after_quarantine_commit")
 

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.table import TableMerger
 
+from delta_processing.storage import (
+    is_local_uri,
+    local_path,
+    remote_filesystem,
+    storage_options,
+    storage_root,
+)
 from landing_zone.layout import fsync_directory
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 Layer = Literal["bronze", "silver", "gold", "quarantine", "_meta"]
 LAYERS: tuple[Layer, ...] = ("bronze", "silver", "gold", "quarantine", "_meta")
@@ -34,26 +45,103 @@ CDF_CONFIGURATION = {"delta.enableChangeDataFeed": "true"}
 
 @dataclass(frozen=True)
 class TableStore:
-    """Resolves ``<layer>/<name>`` to Delta table URIs under the data directory."""
+    """Resolves ``<layer>/<name>`` to Delta table URIs under one root.
 
-    data_dir: Path
+    The root is a local directory (the data directory by default) or an
+    object-store URI (``az://container/prefix``, ``s3://bucket/prefix``) with the
+    deltalake ``storage_options`` to reach it; build it from the settings with
+    :meth:`from_settings`. The options hold credentials: they are kept out of
+    ``repr`` and comparisons.
+    """
+
+    root: Path | str
+    storage_options: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TableStore:
+        """The store the settings configure (``LAKEHOUSE_STORAGE_URI``, else ``data_dir``)."""
+        root = storage_root(settings)
+        if isinstance(root, Path):
+            return cls(root)
+        return cls(root, storage_options(settings) or None)
+
+    @property
+    def options(self) -> dict[str, str] | None:
+        """The storage options as deltalake takes them (``None`` for local tables)."""
+        return dict(self.storage_options) if self.storage_options else None
+
+    @property
+    def local_root(self) -> Path | None:
+        """The root directory if the tables are on the local file system, else ``None``."""
+        if isinstance(self.root, Path):
+            return self.root
+        return local_path(self.root) if is_local_uri(self.root) else None
 
     def uri(self, layer: Layer, name: str) -> str:
-        return str(self.data_dir / layer / name)
+        """Where ``<layer>/<name>`` lives: a local path or an object-store URI."""
+        local = self.local_root
+        if local is not None:
+            return str(local / layer / name)
+        return f"{str(self.root).rstrip('/')}/{layer}/{name}"
 
     def open(self, layer: Layer, name: str, version: int | None = None) -> DeltaTable | None:
         """The table, or ``None`` if it was never created."""
         try:
-            return DeltaTable(self.uri(layer, name), version=version)
+            return DeltaTable(self.uri(layer, name), version=version, storage_options=self.options)
         except TableNotFoundError:
             return None
 
     def list(self, layer: Layer) -> list[str]:
         """Names of the Delta tables of one layer."""
-        root = self.data_dir / layer
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir())
+        local = self.local_root
+        if local is not None:
+            root = local / layer
+            if not root.is_dir():
+                return []
+            return sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir())
+        # Object stores have no directories, only key prefixes: a table is a prefix
+        # holding a `_delta_log/` prefix.
+        fs = remote_filesystem(str(self.root), self.options)
+        found = fs.get_file_info(pafs.FileSelector(layer, allow_not_found=True))
+        names = []
+        for info in found:
+            if info.type != pafs.FileType.Directory:
+                continue
+            log_dir = fs.get_file_info(pafs.FileSelector(f"{info.path}/_delta_log",
+                                                         allow_not_found=True))  # fmt: skip
+            if log_dir:
+                names.append(info.base_name)
+        return sorted(names)
+
+
+def as_store(location: TableStore | Path | str) -> TableStore:
+    """``location`` as a store: a :class:`TableStore` as is, a path as a local store.
+
+    An object-store URI string gets no storage options (object_store then reads
+    credentials from the environment); pass a store to give them.
+    """
+    if isinstance(location, TableStore):
+        return location
+    if isinstance(location, str) and not is_local_uri(location):
+        return TableStore(location.rstrip("/"))
+    return TableStore(Path(location))
+
+
+def reopen(table: DeltaTable, version: int | None = None) -> DeltaTable:
+    """A fresh handle on ``table`` (latest or ``version``), with the storage options it has.
+
+    deltalake keeps the options it was opened with only in ``_storage_options``;
+    a remote table reopened by its URI alone would lose its credentials.
+    """
+    return DeltaTable(table.table_uri, version=version, storage_options=table._storage_options)
+
+
+def table_filesystem(table: DeltaTable) -> pafs.FileSystem:
+    """A file system rooted at the table's directory (local or on object storage)."""
+    root = local_root(table)
+    if root is not None:
+        return pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem())
+    return remote_filesystem(table.table_uri, table._storage_options)
 
 
 def table_columns(table: DeltaTable) -> list[str]:
@@ -114,6 +202,7 @@ def ensure_table(
     created = DeltaTable.create(
         store.uri(layer, name),
         schema=empty.schema,
+        storage_options=store.options,
         mode="ignore",
         partition_by=partition_by or None,
         configuration=CDF_CONFIGURATION if cdf else None,
@@ -125,9 +214,7 @@ def ensure_table(
 def local_root(table: str | DeltaTable) -> Path | None:
     """The table's directory if it is on the local file system, else ``None``."""
     uri = table.table_uri if isinstance(table, DeltaTable) else table
-    if "://" in uri and not uri.startswith("file://"):
-        return None
-    return Path(unquote(uri.removeprefix("file://")))
+    return local_path(uri) if is_local_uri(uri) else None
 
 
 def sync_latest_commit(table: str | DeltaTable) -> None:
@@ -188,15 +275,18 @@ def append(
     evolve_schema: bool = False,
     cdf: bool = False,
     partition_by: list[str] | None = None,
+    storage_options: dict[str, str] | None = None,
 ) -> None:
     """Append ``frame`` and the marker in one commit (an empty frame commits just the marker).
 
-    ``partition_by`` applies when the append creates the table.
+    ``partition_by`` applies when the append creates the table. A URI ``target`` on
+    object storage needs the store's ``storage_options`` (a table carries its own).
     """
     write_deltalake(
         target,
         to_arrow(frame),
         mode="append",
+        storage_options=storage_options,
         partition_by=partition_by or None,
         schema_mode="merge" if evolve_schema else None,
         configuration=CDF_CONFIGURATION if cdf else None,

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the bridges: their counters, Kafka lag, and the landing backlog."""
+"""Prometheus metrics of the bridges: their counters and Kafka consumer lag."""
 
 from __future__ import annotations
 
@@ -20,17 +20,13 @@ class BridgeCollector(Collector):
     """
 
     def __init__(
-        self,
-        bridges: Mapping[str, Counters],
-        backlog: Callable[[], int],
-        lags: Mapping[str, PartitionLag] | None = None,
+        self, bridges: Mapping[str, Counters], lags: Mapping[str, PartitionLag] | None = None
     ) -> None:
         self._bridges = bridges
-        self._backlog = backlog
         self._lags = lags or {}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        """One metric family per counter name, labelled by bridge; then lag and backlog."""
+        """One metric family per counter name, labelled by bridge; then the lag."""
         families: dict[str, CounterMetricFamily] = {}
         for bridge, read in self._bridges.items():
             for name, value in read().items():
@@ -53,8 +49,3 @@ class BridgeCollector(Collector):
                 for (topic, partition), messages in sorted(read_lag().items()):
                     lag.add_metric([bridge, topic, str(partition)], messages)
             yield lag
-        yield GaugeMetricFamily(
-            "lakehouse_landing_backlog_files",
-            "Landing files waiting for bronze.",
-            value=self._backlog(),
-        )

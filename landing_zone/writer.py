@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 
 # A dead letter: where it came from, what it was (base64), why it is not a record.
 DEAD_LETTER_COLUMNS = ("origin", "topic", "payload_base64", "error", "received_at")
+# Parquet key-value metadata of a landing file: the request (or message batch) that made it.
+CORRELATION_KEY = "lakehouse.correlation_id"
+_BATCH_STAMP = re.compile(r"(\d{8}T\d{12}Z)")
 
 
 class LandingWriteError(OSError):
@@ -46,6 +50,30 @@ def new_batch_id(now: datetime | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(6)}"
 
 
+def batch_time(name: str) -> datetime | None:
+    """When a landing file named by :func:`new_batch_id` (or a replay) was created.
+
+    ``None`` for names the writer did not make (hand-dropped files).
+    """
+    found = _BATCH_STAMP.search(name)
+    if found is None:
+        return None
+    try:
+        return datetime.strptime(found.group(1), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def correlation_id_of(content: bytes, name: str) -> str | None:
+    """The correlation id a writer stored in a landing file's metadata, if any."""
+    if not name.endswith(".parquet"):
+        return None
+    try:
+        return pl.read_parquet_metadata(io.BytesIO(content)).get(CORRELATION_KEY)
+    except Exception:  # unreadable files are judged (and quarantined) by the decoder
+        return None
+
+
 class LandingWriter:
     """Writes batches of raw records as durable Parquet landing files."""
 
@@ -55,14 +83,22 @@ class LandingWriter:
         self._lock = threading.Lock()
 
     def write_frame(
-        self, source: str, frame: pl.DataFrame, *, batch_id: str | None = None
+        self,
+        source: str,
+        frame: pl.DataFrame,
+        *,
+        batch_id: str | None = None,
+        correlation_id: str | None = None,
     ) -> LandingReceipt:
         """Write one batch of ``source`` durably and return its receipt.
 
+        ``correlation_id`` (the request's) is kept in the file's metadata, so the
+        processing of this batch can be traced back to it.
         Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
         """
         final_dir = self._layout.source_dir(source)
-        return self._write(source, frame, final_dir, self._layout.temp_dir(source), batch_id)
+        temp_dir = self._layout.temp_dir(source)
+        return self._write(source, frame, final_dir, temp_dir, batch_id, correlation_id)
 
     def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:
         """Durably set aside messages no record could be made of (see DEAD_LETTER_COLUMNS).
@@ -81,6 +117,7 @@ class LandingWriter:
         final_dir: Path,
         temp_dir: Path,
         batch_id: str | None,
+        correlation_id: str | None = None,
     ) -> LandingReceipt:
         batch_id = batch_id or new_batch_id()
         self._ensure_dirs(final_dir, temp_dir)
@@ -90,7 +127,8 @@ class LandingWriter:
         # Serialise first: Polars wraps I/O errors in its own exception types, and a
         # disk-full error must reach the caller as the OSError it is.
         buffer = io.BytesIO()
-        frame.write_parquet(buffer, compression="zstd", statistics=False)
+        metadata = {CORRELATION_KEY: correlation_id} if correlation_id else None
+        frame.write_parquet(buffer, compression="zstd", statistics=False, metadata=metadata)
         payload = buffer.getbuffer()
         try:
             with open(temp_path, "xb") as handle:

@@ -1,0 +1,105 @@
+"""The landing backlog: files written and acknowledged but not yet in bronze.
+
+Measured from the landing directories themselves (pending files plus batches
+bronze has claimed but not committed), so it is right whichever process reads
+it: the API for ``/ready`` and ``/metrics``, a bridge for back-pressure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from landing_zone.layout import LandingLayout, is_landing_file
+
+
+@dataclass(frozen=True)
+class SourceBacklog:
+    """Waiting landing files of one source."""
+
+    files: int
+    bytes: int
+    oldest_arrival: float | None  # epoch seconds (the file's ctime: its rename into landing)
+
+    def oldest_age_s(self, now: float | None = None) -> float:
+        """Seconds the oldest waiting file has waited (0 when none waits)."""
+        if self.oldest_arrival is None:
+            return 0.0
+        return max(0.0, (now if now is not None else time.time()) - self.oldest_arrival)
+
+
+def measure_backlog(layout: LandingLayout) -> dict[str, SourceBacklog]:
+    """Per source: landing files not yet committed to bronze (pending or claimed)."""
+    backlog: dict[str, SourceBacklog] = {}
+    for source in layout.sources_with_files():
+        paths = _listed(layout.source_dir(source))
+        for _, claim in layout.inflight_batches(source):
+            paths.extend(_listed(claim))
+        files, size, oldest = 0, 0, None
+        for path in paths:
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # claimed or archived meanwhile
+                continue
+            files += 1
+            size += stat.st_size
+            oldest = stat.st_ctime if oldest is None else min(oldest, stat.st_ctime)
+        if files:
+            backlog[source] = SourceBacklog(files, size, oldest)
+    return backlog
+
+
+def _listed(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return [p for p in directory.iterdir() if is_landing_file(p) and p.is_file()]
+
+
+class BacklogCollector(Collector):
+    """``/metrics``: files, bytes and oldest age of the landing backlog, per source."""
+
+    def __init__(self, layout: LandingLayout) -> None:
+        self._layout = layout
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Measured at scrape time; the totals keep their historical names."""
+        backlog = measure_backlog(self._layout)
+        now = time.time()
+        files = GaugeMetricFamily(
+            "lakehouse_landing_backlog_files",
+            "Landing files waiting for bronze.",
+            value=sum(b.files for b in backlog.values()),
+        )
+        size = GaugeMetricFamily(
+            "lakehouse_landing_backlog_bytes",
+            "Bytes of landing files waiting for bronze.",
+            value=sum(b.bytes for b in backlog.values()),
+        )
+        oldest = GaugeMetricFamily(
+            "lakehouse_landing_backlog_oldest_seconds",
+            "Age of the oldest landing file waiting for bronze (0: none waits).",
+            value=max((b.oldest_age_s(now) for b in backlog.values()), default=0.0),
+        )
+        per_source = {
+            name: GaugeMetricFamily(
+                f"lakehouse_landing_source_backlog_{name}", help_text, labels=["source"]
+            )
+            for name, help_text in (
+                ("files", "Landing files waiting for bronze, per source."),
+                ("bytes", "Bytes waiting for bronze, per source."),
+                ("oldest_seconds", "Age of the oldest waiting file, per source."),
+            )
+        }
+        for source, waiting in sorted(backlog.items()):
+            per_source["files"].add_metric([source], waiting.files)
+            per_source["bytes"].add_metric([source], waiting.bytes)
+            per_source["oldest_seconds"].add_metric([source], waiting.oldest_age_s(now))
+        yield files
+        yield size
+        yield oldest
+        yield from per_source.values()
