@@ -268,17 +268,18 @@ def _spawn(
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
-def start_lakehouse_api(workdir: Path) -> Server:
-    data_dir = workdir / "api-data"
+def start_lakehouse_api(workdir: Path, workers: int = 1, name: str = "api-data") -> Server:
+    data_dir = workdir / name
     data_dir.mkdir()
     port = free_port()
-    log_path = workdir / "lakehouse-api.log"
+    log_path = workdir / f"lakehouse-{name}.log"
     env = clean_env(
         LAKEHOUSE_DATA_DIR=str(data_dir),
         LAKEHOUSE_LOG_LEVEL="WARNING",
         LAKEHOUSE_MAX_BODY_BYTES=str(MAX_BODY_BYTES),
     )
     cmd = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", str(workers)]
     proc = _spawn(cmd, env, workdir, log_path)
     return Server(
         "lakehouse",
@@ -290,11 +291,11 @@ def start_lakehouse_api(workdir: Path) -> Server:
     )
 
 
-def start_bare_asgi(workdir: Path) -> Server:
-    out_dir = workdir / "bare-out"
+def start_bare_asgi(workdir: Path, out_dir: Path | None = None) -> Server:
+    out_dir = out_dir or workdir / "bare-out"
     out_dir.mkdir()
     port = free_port()
-    log_path = workdir / "bare-asgi.log"
+    log_path = workdir / f"bare-asgi-{out_dir.name}.log"
     env = clean_env(BENCH_BARE_DIR=str(out_dir))
     cmd = [
         sys.executable,
@@ -417,7 +418,7 @@ def bench_api(plan: Plan, workdir: Path) -> list[Figure]:
                 for server in servers:
                     clear_files(server.out_dir)
                     result = post_load(server, headers, bodies[rows], requests, clients)
-                    landed = clear_files(server.out_dir)
+                    landed = landed_requests(server, rows)
                     if landed != requests + clients:
                         raise RuntimeError(
                             f"{server.name}: {landed} files for {requests + clients} requests"
@@ -459,6 +460,171 @@ def bench_api(plan: Plan, workdir: Path) -> list[Figure]:
                 )
             )
     return figures
+
+
+def landed_requests(server: Server, rows: int) -> int:
+    """Requests whose data reached ``server.out_dir`` (then cleared): one file each for the
+    bare server; for the lakehouse, landed rows / rows per request (group commit puts
+    several requests in one file)."""
+    if server.name == "bare" or not server.out_dir.is_dir():
+        return clear_files(server.out_dir)
+    files = [p for p in server.out_dir.glob("*.parquet") if p.is_file()]
+    landed_rows = sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in files)
+    clear_files(server.out_dir)
+    return landed_rows // rows
+
+
+# ------------------------------------------------------------- API: small durable requests
+
+SMALL_CLIENTS = (1, 8, 32, 64)
+SMALL_WORKERS = (1, 2)
+
+
+async def _raw_client(
+    host: str, port: int, request: bytes, count: int, start: Any, latencies: list[float]
+) -> None:
+    """One keep-alive HTTP/1.1 connection sending ``request`` ``count`` times, each after
+    the previous answer (a durable acknowledgement per request)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+
+        async def once() -> None:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head[9:12] != b"202":
+                rest = await reader.read(2000)
+                raise RuntimeError(f"HTTP {head[9:12].decode()}: {(head + rest)[:400]!r}")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+
+        await once()  # warm-up, untimed
+        await start.wait()
+        for _ in range(count):
+            began = time.perf_counter()
+            await once()
+            latencies.append((time.perf_counter() - began) * 1000)
+    finally:
+        writer.close()
+
+
+def raw_load(server: Server, headers: dict[str, str], body: bytes, requests: int,
+             clients: int) -> LoadRun:  # fmt: skip
+    """``requests`` POSTs over ``clients`` concurrent keep-alive connections from one asyncio
+    loop over raw sockets (an httpx client costs more CPU per request than the server)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    lines = [f"POST {server.path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines += [f"Content-Length: {len(body)}", "", ""]
+    request = "\r\n".join(lines).encode() + body
+    shares = [requests // clients + (1 if i < requests % clients else 0) for i in range(clients)]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+
+    async def run() -> float:
+        start = asyncio.Event()
+        tasks = [
+            asyncio.create_task(_raw_client(host, port, request, n, start, latencies[i]))
+            for i, n in enumerate(shares)
+        ]
+        await asyncio.sleep(0.3)  # connections open, warm-up answered
+        began = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - began
+
+    seconds = asyncio.run(run())
+    return LoadRun(requests, seconds, [ms for per_client in latencies for ms in per_client])
+
+
+def bench_api_small(plan: Plan, workdir: Path) -> list[Figure]:
+    """Single-record POSTs, each acknowledged durably: lakehouse api with 1 and 2 workers
+    (group commit) versus the bare ASGI app that fsyncs every request on its own."""
+    from api.tokens import TokenStore
+
+    requests = plan.api_requests[1]
+    servers: dict[str, Server] = {}
+    try:
+        for workers in SMALL_WORKERS:
+            server = start_lakehouse_api(workdir, workers, f"small-{workers}w")
+            server.name = f"lakehouse-{workers}w"
+            servers[server.name] = server
+        bare = start_bare_asgi_named(workdir, "bare-small")
+        servers["bare"] = bare
+        for server in servers.values():
+            wait_healthy(server)
+        tokens = {}
+        for workers in SMALL_WORKERS:
+            store = TokenStore(workdir / f"small-{workers}w" / "_meta" / "tokens.json")
+            tokens[workers] = store.create("bench", [f"ingest:{SOURCE}"])
+        body = ndjson_body(1)
+        runs: dict[tuple[str, int], list[LoadRun]] = {}
+        for run in range(plan.runs):
+            for clients in SMALL_CLIENTS:
+                for name, server in servers.items():
+                    workers = 0 if name == "bare" else int(name.split("-")[1][:-1])
+                    headers = {"Content-Type": "application/x-ndjson"}
+                    if workers:
+                        headers["Authorization"] = f"Bearer {tokens[workers]}"
+                    clear_files(server.out_dir)
+                    result = raw_load(server, headers, body, requests, clients)
+                    landed = landed_requests(server, 1)
+                    if landed != requests + clients:
+                        raise RuntimeError(
+                            f"{name}: {landed} requests landed for {requests + clients} sent"
+                        )
+                    runs.setdefault((name, clients), []).append(result)
+                    log(
+                        f"small run {run + 1}/{plan.runs} {name:13} 1 row x {clients:2} clients: "
+                        f"{result.rps:8.1f} req/s, p50 {percentile(result.latencies_ms, 0.5):.2f}"
+                        f" ms, p99 {percentile(result.latencies_ms, 0.99):.2f} ms"
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    figures = []
+    for clients in SMALL_CLIENTS:
+        base = runs[("bare", clients)]
+        for workers in SMALL_WORKERS:
+            ours = runs[(f"lakehouse-{workers}w", clients)]
+            detail = {
+                "clients": clients,
+                "workers": workers,
+                "requests_per_run": requests,
+                "p50_ms": statistics.median(percentile(r.latencies_ms, 0.5) for r in ours),
+                "p99_ms": statistics.median(percentile(r.latencies_ms, 0.99) for r in ours),
+                "baseline_p50_ms": statistics.median(percentile(r.latencies_ms, 0.5) for r in base),
+                "baseline_p99_ms": statistics.median(
+                    percentile(r.latencies_ms, 0.99) for r in base
+                ),
+            }
+            figures.append(
+                Figure(
+                    "api_small",
+                    f"1 row x {clients} clients, {workers} worker{'s' if workers > 1 else ''}",
+                    "req/s",
+                    [r.rps for r in ours],
+                    [r.rps for r in base],
+                    higher_is_better=True,
+                    detail=detail,
+                )
+            )
+    return figures
+
+
+def start_bare_asgi_named(workdir: Path, name: str) -> Server:
+    """The bare ASGI baseline with its own output directory."""
+    out_dir = workdir / name
+    server = start_bare_asgi(workdir, out_dir)
+    return server
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -895,6 +1061,32 @@ def render(figures: list[Figure], info: dict[str, Any], plan: Plan) -> None:
             )
         console.print(table)
 
+    small = [f for f in figures if f.section == "api_small"]
+    if small:
+        table = Table(
+            title="API: single-record POSTs, durable 202 (group commit) vs bare ASGI "
+            "(fsync per request)",
+            box=box.ASCII2,
+        )
+        for header in ("clients", "workers", "req/s", "p50 ms", "p99 ms"):
+            table.add_column(header, justify="right")
+        for header in ("bare req/s", "bare p50", "bare p99", "ratio"):
+            table.add_column(header, justify="right")
+        for figure in small:
+            d = figure.detail
+            table.add_row(
+                str(d["clients"]),
+                str(d["workers"]),
+                fmt(figure.value),
+                fmt(d["p50_ms"]),
+                fmt(d["p99_ms"]),
+                fmt(figure.baseline),
+                fmt(d["baseline_p50_ms"]),
+                fmt(d["baseline_p99_ms"]),
+                f"{figure.ratio:.2f}",
+            )
+        console.print(table)
+
     for section, title, baseline in (
         ("pipeline", "Pipeline landing -> gold: Processor.run_once()", "read_parquet+write_delta"),
         ("query", "Query: DuckDB over analytics.connect views", "plain Parquet"),
@@ -950,8 +1142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs per figure (default 3, 1 with --quick)")
     parser.add_argument(
         "--sections",
-        default="api,pipeline,query",
-        help="comma-separated subset of api,pipeline,query (query needs pipeline)",
+        default="api,small,pipeline,query",
+        help="comma-separated subset of api,small,pipeline,query (query needs pipeline); "
+        "small: single-record POSTs at 1/8/32/64 clients, 1 and 2 workers",
     )
     parser.add_argument("--workdir", type=Path, help="parent of the temporary directory")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
@@ -980,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         base_plan.landing_files,
     )
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"api", "pipeline", "query"}
+    unknown = sections - {"api", "small", "pipeline", "query"}
     if unknown or ("query" in sections and "pipeline" not in sections):
         print(f"invalid --sections {args.sections!r}", file=sys.stderr)
         return 2
@@ -997,6 +1190,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{plan.mode} mode, {plan.runs} run(s) per figure, work in {workdir}")
         if "api" in sections:
             figures += bench_api(plan, workdir)
+        if "small" in sections:
+            figures += bench_api_small(plan, workdir)
         if "pipeline" in sections:
             pipeline_figures, last_dir, extras["pipeline"] = bench_pipeline(plan, workdir)
             figures += pipeline_figures
