@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format bench clean install system-deps
+.PHONY: run test lint format bench bench-quick clean install system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Every benchmark section (bench/run_all.py): tables on stdout, merged JSON in
+# bench/results/latest.json. The bridges section needs mosquitto (`make system-deps`).
 bench: $(STAMP)
-	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run_all.py --quick
 
 format: $(STAMP)
 	$(BIN)/ruff format .

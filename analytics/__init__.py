@@ -14,7 +14,7 @@ from analytics.query import (
     QueryTimeout,
     run_query,
 )
-from analytics.views import connect
+from analytics.views import connect, refresh_views
 
 __all__ = [
     "QueryError",
@@ -24,5 +24,6 @@ __all__ = [
     "QueryRowLimit",
     "QueryTimeout",
     "connect",
+    "refresh_views",
     "run_query",
 ]

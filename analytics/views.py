@@ -32,22 +32,38 @@ def _local_path(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def register_views(con: duckdb.DuckDBPyConnection, snapshots: list[TableSnapshot]) -> None:
-    """Create one schema per layer and one view per table in ``con``."""
+_VERSIONS = "__lakehouse_versions"
+
+
+def register_views(
+    con: duckdb.DuckDBPyConnection, snapshots: list[TableSnapshot], *, fast_path: bool = True
+) -> None:
+    """Create one schema per layer and one view per table in ``con``.
+
+    ``fast_path=False`` serves every table through deltalake's Arrow dataset (for
+    tables written by other engines, or to compare the two paths).
+    """
     for layer in LAYERS:
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(layer)}")
+    con.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_VERSIONS} (name VARCHAR PRIMARY KEY, v BIGINT)")
     for snap in snapshots:
         target = f"{_ident(snap.layer)}.{_ident(snap.name)}"
-        local = local_root(snap.table) is not None
+        con.execute(
+            f"INSERT OR REPLACE INTO {_VERSIONS} VALUES (?, ?)", [snap.qualified_name, snap.version]
+        )
+        local = fast_path and local_root(snap.table) is not None
         if local and snap.file_uris and all(c.startswith("_") for c in snap.partition_columns):
             files = ", ".join(_literal(_local_path(uri)) for uri in snap.file_uris)
-            # union_by_name: files written before a schema evolution lack the new columns.
             # Our own partition columns (_ingest_date, _event_date) are dates DuckDB reads
             # back exactly from the hive-style paths deltalake writes.
             hive = ", hive_partitioning = true" if snap.partition_columns else ""
+            # Files written before a schema evolution lack the new columns and need
+            # union_by_name, which opens every file when the view is bound; without it
+            # a partition filter skips other partitions' files unopened.
+            union = "" if _every_file_has_every_column(snap) else ", union_by_name = true"
             con.execute(
                 f"CREATE OR REPLACE VIEW {target} AS "
-                f"SELECT * FROM read_parquet([{files}], union_by_name = true{hive})"
+                f"SELECT * FROM read_parquet([{files}]{union}{hive})"
             )
             continue
         relation_name = f"__delta_{snap.layer}_{snap.name}"
@@ -60,18 +76,37 @@ def register_views(con: duckdb.DuckDBPyConnection, snapshots: list[TableSnapshot
         con.execute(f"CREATE OR REPLACE VIEW {target} AS SELECT * FROM {_ident(relation_name)}")
 
 
+def _every_file_has_every_column(snap: TableSnapshot) -> bool:
+    """Whether the Delta log's statistics show every column in every active file.
+
+    A file written before a column was added has no statistics for it. Tables
+    with columns the log keeps no statistics for (past the first 32, say) do not
+    qualify: that proves nothing either way.
+    """
+    actions = pa.table(snap.table.get_add_actions(flatten=True))
+    for field in snap.schema:
+        if field.name in snap.partition_columns:
+            continue
+        stats = f"null_count.{field.name}"
+        if stats not in actions.column_names or actions.column(stats).null_count:
+            return False
+    return True
+
+
 def connect(
     data_dir: TableStore | Path | str = "dados",
     *,
     sandboxed: bool = False,
     threads: int | None = None,
     memory_limit_mb: int | None = None,
+    fast_path: bool = True,
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with a view ``<layer>.<table>`` over every lakehouse table.
 
     ``data_dir`` is a table store (``TableStore.from_settings(settings)``, which
     also reaches tables on object storage) or a local data directory. The views
-    pin each table's current Delta version; call again to see newer data.
+    pin each table's current Delta version; :func:`refresh_views` re-points the
+    views of tables that changed since (or call again).
     ``sandboxed`` is for SQL from untrusted users: DuckDB may then open exactly the
     active data files of the tables (not files a newer version removed, not the
     Delta log, not anything else on disk or the network), may not spill to disk,
@@ -84,7 +119,7 @@ def connect(
     if memory_limit_mb is not None:
         con.execute(f"SET memory_limit = '{int(memory_limit_mb)}MB'")
     snapshots = snapshot_tables(as_store(data_dir))
-    register_views(con, snapshots)
+    register_views(con, snapshots, fast_path=fast_path)
     if sandboxed:
         # Remote tables are read through Arrow by deltalake, not by DuckDB: they need no
         # allowed path, and DuckDB keeps no network access.
@@ -101,3 +136,31 @@ def connect(
         con.execute("SET autoload_known_extensions = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def refresh_views(
+    con: duckdb.DuckDBPyConnection,
+    data_dir: TableStore | Path | str = "dados",
+    *,
+    fast_path: bool = True,
+) -> list[str]:
+    """Re-point the views of ``con`` at the tables' current versions; what changed.
+
+    Only tables whose Delta version moved (or that are new) are registered again;
+    views of tables that were removed are dropped. A sandboxed connection is
+    pinned to the files it was allowed to read: open a new one instead.
+    """
+    locked = con.sql("SELECT current_setting('lock_configuration')").fetchall()[0][0]
+    if locked:
+        raise ValueError("a sandboxed connection cannot be refreshed; open a new one")
+    known = dict(con.sql(f"SELECT name, v FROM {_VERSIONS}").fetchall())
+    snapshots = snapshot_tables(as_store(data_dir))
+    changed = [s for s in snapshots if known.get(s.qualified_name) != s.version]
+    register_views(con, changed, fast_path=fast_path)
+    current = {s.qualified_name for s in snapshots}
+    removed = sorted(set(known) - current)
+    for name in removed:
+        layer, table = name.split(".", 1)
+        con.execute(f"DROP VIEW IF EXISTS {_ident(layer)}.{_ident(table)}")
+        con.execute(f"DELETE FROM {_VERSIONS} WHERE name = ?", [name])
+    return sorted(s.qualified_name for s in changed) + removed

@@ -11,6 +11,9 @@ from api.tokens import TokenStore
 from config.contracts import ContractRegistry
 from config.settings import Settings
 from delta_processing.operations import OperationRunner
+from landing_zone.backpressure import BackpressureGate
+from landing_zone.group_commit import GroupCommitter
+from landing_zone.idempotency import IdempotencyStore
 from landing_zone.writer import LandingWriter
 
 
@@ -24,6 +27,9 @@ class ApiContext:
     tokens: TokenStore
     metrics: ApiMetrics
     operations: OperationRunner  # where admin operations run (see delta_processing.operations)
+    idempotency: IdempotencyStore | None = None  # Idempotency-Key of ingest requests
+    backpressure: BackpressureGate | None = None  # 503 while the landing zone is too full
+    group_commit: GroupCommitter | None = None  # small ingest bodies share landing files
 
 
 def get_context(request: Request) -> ApiContext:

@@ -77,14 +77,30 @@ def _serve(
     contracts: ContractRegistry,
     collectors: Sequence[Collector] = (),
     operations: OperationRunner | None = None,
+    workers: int = 1,
 ) -> None:
-    """Serve the API until SIGTERM/SIGINT, then return so callers can shut down cleanly."""
+    """Serve the API until SIGTERM/SIGINT, then return so callers can shut down cleanly.
+
+    ``workers`` > 1 runs that many processes behind the one port, each building its app
+    from the settings of the environment (:mod:`cli.worker`).
+    """
     import signal
 
     import uvicorn
 
     from api.app import create_app
 
+    if workers > 1:
+        uvicorn.run(
+            "cli.worker:create_worker_app",
+            factory=True,
+            workers=workers,
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+        )
+        return
     config = uvicorn.Config(
         create_app(settings, contracts, collectors, operations),
         host=settings.api_host,
@@ -162,10 +178,14 @@ def up(
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes behind the port (default LAKEHOUSE_API_WORKERS)."),
+    ] = None,
 ) -> None:
     """Run only the ingestion/query API."""
-    settings, contracts = load(api_host=host, api_port=port)
-    _serve(settings, contracts)
+    settings, contracts = load(api_host=host, api_port=port, api_workers=workers)
+    _serve(settings, contracts, workers=settings.api_workers)
 
 
 @app.command()
@@ -590,29 +610,100 @@ def tokens_create(
             "--scope", "-s", help="admin, query, ingest:* or ingest:<source>; repeatable."
         ),
     ],
+    expires_in: Annotated[
+        str | None,
+        typer.Option("--expires-in", help="Lifetime, e.g. 30d, 12h, 90s (default: never)."),
+    ] = None,
+    rate_rows: Annotated[
+        float | None,
+        typer.Option("--rate-rows", help="Ingest rows/s for this token (overrides the setting)."),
+    ] = None,
+    rate_bytes: Annotated[
+        float | None,
+        typer.Option("--rate-bytes", help="Ingest bytes/s for this token (overrides the setting)."),
+    ] = None,
 ) -> None:
     """Create a token; its secret is printed once, as the only line on stdout."""
-    from api.tokens import TokenError, TokenStore
+    from api.tokens import TokenError, TokenStore, parse_duration
 
     settings, _ = load()
     try:
-        secret = TokenStore(settings.tokens_file).create(name, scope)
+        secret = TokenStore(settings.tokens_file).create(
+            name,
+            scope,
+            expires_in_s=None if expires_in is None else parse_duration(expires_in),
+            rate_rows_per_s=rate_rows,
+            rate_bytes_per_s=rate_bytes,
+        )
     except TokenError as exc:
         fail(str(exc))
     sys.stdout.write(secret + "\n")
 
 
 @tokens_app.command("list")
-def tokens_list() -> None:
-    """List tokens (name, scopes, creation time; never secrets)."""
-    from api.tokens import TokenStore, describe
+def tokens_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+) -> None:
+    """List tokens: name, scopes, status, created, last used, expiry (never secrets)."""
+    from api.tokens import TokenStore, describe, info
 
     settings, _ = load()
-    table = Table("name", "scopes", "created_at")
-    for record in TokenStore(settings.tokens_file).records():
+    records = TokenStore(settings.tokens_file).records()
+    if as_json:
+        import json
+
+        views = [info(record).model_dump(mode="json") for record in records]
+        sys.stdout.write(json.dumps({"tokens": views}, indent=2) + "\n")
+        return
+    columns = ["name", "scopes", "status", "created_at", "last_used_at", "expires_at"]
+    columns += ["previous_secret_valid_until", "rate_limits"]
+    table = Table(*columns)
+    for record in records:
         summary = describe(record)
-        table.add_row(summary["name"], summary["scopes"], summary["created_at"])
+        table.add_row(*(summary[column] for column in columns))
     out.print(table)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: Annotated[str, typer.Argument(help="The token to revoke.")]) -> None:
+    """Revoke a token now: its secrets get 401 in every running API at once."""
+    from api.tokens import TokenError, TokenStore
+
+    settings, _ = load()
+    try:
+        TokenStore(settings.tokens_file).revoke(name)
+    except TokenError as exc:
+        fail(str(exc))
+    err.print(f"revoked token {name!r}", highlight=False)
+
+
+@tokens_app.command("rotate")
+def tokens_rotate(
+    name: Annotated[str, typer.Argument(help="The token to give a new secret.")],
+    grace: Annotated[
+        str | None,
+        typer.Option(
+            "--grace",
+            help="How long the old secret keeps working, e.g. 1h, 90s, 0 "
+            "(default: LAKEHOUSE_TOKEN_ROTATION_GRACE_S).",
+        ),
+    ] = None,
+) -> None:
+    """Issue a new secret (printed once, as the only line on stdout); the old one expires."""
+    from api.tokens import TokenError, TokenStore, parse_duration
+
+    settings, _ = load()
+    try:
+        grace_s = settings.token_rotation_grace_s if grace is None else parse_duration(grace)
+        secret, record = TokenStore(settings.tokens_file).rotate(name, grace_s)
+    except TokenError as exc:
+        fail(str(exc))
+    until = max(r.valid_until for r in record.retired)
+    err.print(
+        f"rotated token {name!r}; the old secret works until {until.isoformat(timespec='seconds')}",
+        highlight=False,
+    )
+    sys.stdout.write(secret + "\n")
 
 
 def main() -> None:

@@ -64,6 +64,39 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest accepted request body, before and after gzip decompression.",
     )
+    api_workers: int = Field(
+        1, ge=1, le=64, description="API worker processes behind the one port (`--workers`)."
+    )
+    idempotency_window_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="How long an Idempotency-Key is remembered (a retry within it returns "
+        "the first answer).",
+    )
+    max_backlog_files: int | None = Field(
+        100_000,
+        ge=1,
+        description="Ingest answers 503 while more landing files wait (unset: no bound).",
+    )
+    max_backlog_bytes: int | None = Field(
+        10 * 1024**3, ge=1, description="Ingest answers 503 while more landing bytes wait."
+    )
+    max_backlog_age_s: float | None = Field(
+        None, gt=0, description="Ingest answers 503 while a landing file waits longer."
+    )
+    min_free_disk_mb: int = Field(
+        256, ge=0, description="Ingest answers 503 while the landing file system has less free."
+    )
+    group_commit_ms: float = Field(
+        3.0,
+        ge=0,
+        le=1000,
+        description="Small ingest requests gather this long at most behind a running write, "
+        "then share one landing file and fsync (0: every request writes its own file).",
+    )
+    group_commit_max_body_bytes: int = Field(
+        64 * 1024, ge=0, description="Only bodies up to this size are group-committed."
+    )
     auto_create_sources: bool = Field(
         False,
         description="Accept data for sources without a contract: it lands in bronze (raw) "
@@ -149,6 +182,27 @@ class Settings(BaseSettings):
         description="Remove a local archive file this many days after it landed, once its "
         "upload is verified. Unset: never remove.",
     )
+    token_rotation_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="After `tokens rotate`, the old secret keeps working this long (default).",
+    )
+    rate_limit_rows_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Ingest rows per second per token and source (token bucket; unset: off).",
+    )
+    rate_limit_bytes_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Ingest body bytes (after gzip) per second per token and source (unset: off).",
+    )
+    rate_limit_burst_s: float = Field(
+        10.0,
+        gt=0,
+        le=86400,
+        description="Bucket capacity, in seconds of the rate: a full bucket admits rate x this.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     crash_at: str | None = Field(
         None,
@@ -217,6 +271,11 @@ class Settings(BaseSettings):
     def tokens_file(self) -> Path:
         """Where bearer-token hashes are kept (never the secrets themselves)."""
         return self.data_dir / "_meta" / "tokens.json"
+
+    @property
+    def rate_limits_file(self) -> Path:
+        """Token-bucket state shared by the API's worker processes (SQLite, WAL)."""
+        return self.data_dir / "_meta" / "ratelimits.sqlite"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -44,7 +44,7 @@ from delta_processing.tables import (
 )
 from landing_zone.formats import BatchDecodeError, read_batch_file
 from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
-from landing_zone.writer import batch_time, correlation_id_of
+from landing_zone.writer import batch_time, correlation_ids_of
 
 BRONZE_APP_ID = "lakehouse/bronze"
 # A claim whose append fails this many times in a row is set aside (file quarantine).
@@ -188,9 +188,8 @@ class BronzeIngestor:
                 quarantined += 1
                 continue
             landed_at.append(batch_time(name) or _modified_at(path))
-            correlation = correlation_id_of(content, name)
-            if correlation:
-                correlation_ids.append(correlation)
+            # A group-committed file holds several requests: all their ids.
+            correlation_ids.extend(correlation_ids_of(content, name))
             lineage = with_lineage(raw, source, name, ingested_at, spellings)
             frames.append(lineage.with_columns(pl.lit(order, dtype=pl.Int64).alias("_file_order")))
         rows = 0
@@ -322,8 +321,15 @@ def new_stream_records(
     if not set(KAFKA_POSITION) <= set(batch.columns):
         return batch, {}
     offset = pl.col("kafka_offset").cast(pl.Int64, strict=False)
-    keyed = batch.with_columns(offset.alias("\x01offset")).unique(
-        subset=["kafka_topic", "kafka_partition", "\x01offset"], keep="first", maintain_order=True
+    position = pl.struct("kafka_topic", "kafka_partition", "\x01offset")
+    # Only records with a Kafka position can be re-deliveries: rows of other writers in
+    # the same micro-batch (HTTP, MQTT, dropped files) have null positions, which
+    # `unique` would collapse into one row.
+    positioned = pl.all_horizontal(
+        pl.col(c).is_not_null() for c in ("kafka_topic", "kafka_partition", "\x01offset")
+    )
+    keyed = batch.with_columns(offset.alias("\x01offset")).filter(
+        ~positioned | position.is_first_distinct()
     )
     held = {
         (topic, partition): table.transaction_version(stream_app_id(topic, partition))

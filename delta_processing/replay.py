@@ -40,16 +40,6 @@ def _intent_path(data_dir: Path, source: str) -> Path:
     return data_dir / "_meta" / "replay" / f"{source}.json"
 
 
-def _batch_exists(layout: LandingLayout, data_dir: Path, source: str, batch_id: str) -> bool:
-    name = f"{batch_id}.parquet"
-    places = [
-        layout.source_dir(source).glob(name),
-        layout.inflight_root(source).glob(f"*/*{name}"),  # claimed names carry a prefix
-        (data_dir / "archive" / source).glob(f"*/{name}"),
-    ]
-    return any(any(found) for found in places)
-
-
 def replay_quarantine(
     data_dir: Path, source: str, *, dry_run: bool = False, store: TableStore | None = None
 ) -> ReplayResult:
@@ -86,7 +76,7 @@ def replay_quarantine(
 
     layout = LandingLayout(data_dir)
     raw = selected.select([c for c in selected.columns if c.lower() not in RESERVED_COLUMNS])
-    if not selected.is_empty() and not _batch_exists(layout, data_dir, source, batch_id):
+    if not selected.is_empty() and not layout.batch_exists(source, batch_id):
         LandingWriter(layout).write_frame(source, raw, batch_id=batch_id)
     if not selected.is_empty():
         table.delete(f"_quarantined_at <= '{cutoff.isoformat()}'")

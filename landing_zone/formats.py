@@ -15,6 +15,7 @@ import functools
 import gzip
 import io
 import json
+import re
 import zlib
 from collections.abc import Callable
 from typing import Literal
@@ -42,6 +43,16 @@ FILE_SUFFIXES: dict[str, BatchFormat] = {
     ".csv": "csv",
     ".parquet": "parquet",
 }
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Polars decodes a lone one to NUL
+# (silently changing the data); the Python path pairs them or refuses lone ones.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_BOM = b"\xef\xbb\xbf"
+
+
+# JSON bodies up to this size holding one record skip the Polars reader (see decode_batch).
+SMALL_JSON_BYTES = 4096
 
 
 class BatchDecodeError(ValueError):
@@ -120,10 +131,21 @@ def decode_batch(data: bytes, fmt: BatchFormat) -> pl.DataFrame:
     """
     if fmt == "parquet":
         return _decode_parquet(data)
+    if data.startswith(_BOM):
+        data = data[len(_BOM) :]  # a UTF-8 byte order mark is accepted, in every text format
     if not data.strip():
         raise MalformedBatch("empty body: expected at least one record")
     if fmt == "csv":
         return _decode_csv(data)
+    if fmt in ("json", "ndjson") and len(data) <= SMALL_JSON_BYTES:
+        # One small flat record (a device's reading): parsing in Python is ~6x cheaper
+        # than starting a Polars reader, and with a single record of scalars there is no
+        # type unification, so the raw strings are exactly the ones the Polars path makes.
+        records = _ndjson_records(data) if fmt == "ndjson" else _json_records(data)
+        if len(records) == 1 and not any(
+            isinstance(value, dict | list) for value in records[0].values()
+        ):
+            return _raw_frame(records)
     if fmt == "ndjson":
         return _decode_json_family(data, ndjson=True)
     return _decode_json_family(data, ndjson=False)
@@ -140,6 +162,8 @@ def read_batch_file(raw: bytes, name: str, max_bytes: int) -> pl.DataFrame:
 def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
     reader = pl.read_ndjson if ndjson else pl.read_json
     try:
+        if _SURROGATE_ESCAPE.search(data):
+            raise ValueError("surrogate escapes: parsed in Python")
         frame = reader(io.BytesIO(data), infer_schema_length=None)
         if not ndjson and not _booleans_kept(data, frame):
             raise ValueError("read_json turned booleans into numbers")
@@ -152,7 +176,13 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
         # shapes (arrays mixing objects and numbers). Parse in Python: it either locates
         # the fault or yields records that we stringify ourselves.
         records = _ndjson_records(data) if ndjson else _json_records(data)
-    return _raw_frame(records)
+    try:
+        return _raw_frame(records)
+    except UnicodeEncodeError as exc:
+        raise MalformedBatch(
+            f"invalid JSON: a string holds a lone UTF-16 surrogate "
+            f"(\\u{ord(exc.object[exc.start]):04x}), which has no UTF-8 form"
+        ) from None
 
 
 def _floats_exact(frame: pl.DataFrame) -> bool:
@@ -186,8 +216,18 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def first_wins(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose repeated keys keep their first value, as Polars' reader does."""
+    record: dict[str, object] = {}
+    for key, value in pairs:
+        record.setdefault(key, value)
+    return record
+
+
 def _loads(text: bytes) -> object:
-    return json.loads(text.decode("utf-8"), parse_constant=_reject_constant)
+    return json.loads(
+        text.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=first_wins
+    )
 
 
 def _ndjson_records(data: bytes) -> list[dict[str, object]]:
@@ -259,6 +299,13 @@ def _decode_csv(data: bytes) -> pl.DataFrame:
     # then (rare in clean data) re-read the rows in Python to tell it from an empty field.
     if frame.width and frame.get_column(frame.columns[-1]).null_count():
         _raise_ragged_csv(data)
+    if any('"' in name for name in frame.columns):
+        # Polars keeps the doubled quotes of a quoted header ("a""b" -> a""b); values are
+        # unescaped right. The csv module reads the header line as written.
+        text = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+        header = next(csv.reader(text), [])
+        if len(header) == frame.width and len(set(header)) == frame.width:
+            frame = frame.rename(dict(zip(frame.columns, header, strict=True)))
     return frame
 
 

@@ -166,6 +166,22 @@ class LandingLayout:
                 return True
         return False
 
+    def batch_exists(self, source: str, batch_id: str) -> bool:
+        """Whether the landing file ``<batch_id>.parquet`` of ``source`` exists anywhere:
+        waiting in ``landing/<source>/``, claimed by bronze, archived, or set aside as
+        unreadable. A writer's batch id names exactly one file, so this tells whether a
+        write under that id (e.g. an interrupted one) became durable.
+        """
+        name = f"{batch_id}.parquet"
+        if (self.source_dir(source) / name).is_file():
+            return True
+        places = [
+            self.inflight_root(source).glob(f"*/*{name}"),  # claimed names carry a prefix
+            (self.data_dir / "archive" / check_source_name(source)).glob(f"*/{name}"),
+            self.quarantine_files_dir(source).glob(name),
+        ]
+        return any(any(found) for found in places)
+
     def inflight_batches(self, source: str) -> list[tuple[int, Path]]:
         """Claimed-but-unfinished bronze batches of ``source`` as ``(seq, dir)``, by seq."""
         root = self.inflight_root(source)

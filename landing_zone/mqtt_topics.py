@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from config.contracts import is_valid_source_name
+from landing_zone.formats import first_wins
 
 RawRecord = dict[str, str | None]
 
@@ -297,7 +298,8 @@ def decode_payload(topic: str, payload: bytes, value_field: str = "value") -> Ra
     if not text:
         raise MessageRejected(f"topic {topic!r}: empty payload")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        # Repeated keys: the first value wins, as for every other writer.
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=first_wins)
     except _NonFinite as exc:
         raise MessageRejected(f"topic {topic!r}: {exc} is not a finite number") from None
     except RecursionError:
@@ -312,7 +314,16 @@ def decode_payload(topic: str, payload: bytes, value_field: str = "value") -> Ra
             f"(line {exc.lineno}, column {exc.colno})"
         ) from None
     if isinstance(value, dict):
-        return {str(k): _raw_value(topic, k, v) for k, v in value.items()}
+        fields = {str(k): _raw_value(topic, k, v) for k, v in value.items()}
+        try:
+            json.dumps(fields, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON can spell a lone surrogate (\ud800); a landing file cannot hold it.
+            raise MessageRejected(
+                f"topic {topic!r}: payload holds a lone UTF-16 surrogate escape, "
+                "which has no UTF-8 form"
+            ) from None
+        return fields
     # bool is an int subclass: true/false are not readings.
     if isinstance(value, int | float) and not isinstance(value, bool):
         return {value_field: _raw_value(topic, value_field, value)}

@@ -10,10 +10,12 @@ either no visible file or a complete one, never a partial one.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import secrets
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +28,9 @@ from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 DEAD_LETTER_COLUMNS = ("origin", "topic", "payload_base64", "error", "received_at")
 # Parquet key-value metadata of a landing file: the request (or message batch) that made it.
 CORRELATION_KEY = "lakehouse.correlation_id"
+# A file holding several requests (group commit): all their ids, as a JSON list, in order;
+# CORRELATION_KEY then holds the first.
+CORRELATION_IDS_KEY = "lakehouse.correlation_ids"
 _BATCH_STAMP = re.compile(r"(\d{8}T\d{12}Z)")
 
 
@@ -65,13 +70,35 @@ def batch_time(name: str) -> datetime | None:
 
 
 def correlation_id_of(content: bytes, name: str) -> str | None:
-    """The correlation id a writer stored in a landing file's metadata, if any."""
+    """The correlation id a writer stored in a landing file's metadata, if any
+    (the first request's, for a file holding several)."""
+    ids = correlation_ids_of(content, name)
+    return ids[0] if ids else None
+
+
+def correlation_ids_of(content: bytes, name: str) -> list[str]:
+    """Every correlation id stored in a landing file's metadata, in record order."""
     if not name.endswith(".parquet"):
-        return None
+        return []
     try:
-        return pl.read_parquet_metadata(io.BytesIO(content)).get(CORRELATION_KEY)
+        metadata = pl.read_parquet_metadata(io.BytesIO(content))
     except Exception:  # unreadable files are judged (and quarantined) by the decoder
-        return None
+        return []
+    listed = metadata.get(CORRELATION_IDS_KEY)
+    if listed:
+        try:
+            ids = json.loads(listed)
+            if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+                return ids
+        except ValueError:
+            pass
+    single = metadata.get(CORRELATION_KEY)
+    return [single] if single else []
+
+
+# Called with the function that publishes the fsynced temp file (rename + directory
+# fsync); it must call it exactly once, or raise to abandon the write (nothing visible).
+PublishGuard = Callable[[Callable[[], None]], None]
 
 
 class LandingWriter:
@@ -89,16 +116,30 @@ class LandingWriter:
         *,
         batch_id: str | None = None,
         correlation_id: str | None = None,
+        correlation_ids: Sequence[str] = (),
+        publish_guard: PublishGuard | None = None,
     ) -> LandingReceipt:
         """Write one batch of ``source`` durably and return its receipt.
 
         ``correlation_id`` (the request's) is kept in the file's metadata, so the
-        processing of this batch can be traced back to it.
+        processing of this batch can be traced back to it; ``correlation_ids`` instead
+        for a file holding several requests (group commit).
+        ``publish_guard`` wraps the rename that makes the file visible (see
+        :data:`PublishGuard`), e.g. to make it atomic with an idempotency record.
         Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
         """
         final_dir = self._layout.source_dir(source)
         temp_dir = self._layout.temp_dir(source)
-        return self._write(source, frame, final_dir, temp_dir, batch_id, correlation_id)
+        metadata: dict[str, str] = {}
+        if correlation_ids:
+            metadata[CORRELATION_KEY] = correlation_ids[0]
+            if len(correlation_ids) > 1:
+                metadata[CORRELATION_IDS_KEY] = json.dumps(list(correlation_ids))
+        elif correlation_id:
+            metadata[CORRELATION_KEY] = correlation_id
+        return self._write(
+            source, frame, final_dir, temp_dir, batch_id, metadata or None, publish_guard
+        )
 
     def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:
         """Durably set aside messages no record could be made of (see DEAD_LETTER_COLUMNS).
@@ -117,28 +158,48 @@ class LandingWriter:
         final_dir: Path,
         temp_dir: Path,
         batch_id: str | None,
-        correlation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        publish_guard: PublishGuard | None = None,
     ) -> LandingReceipt:
         batch_id = batch_id or new_batch_id()
-        self._ensure_dirs(final_dir, temp_dir)
+        try:
+            self._ensure_dirs(final_dir, temp_dir)
+        except OSError as exc:
+            raise LandingWriteError(
+                exc.errno, f"cannot prepare landing directory for {source!r}: {exc.strerror}"
+            ) from exc
         name = f"{batch_id}.parquet"
         temp_path = temp_dir / name
         final_path = final_dir / name
         # Serialise first: Polars wraps I/O errors in its own exception types, and a
         # disk-full error must reach the caller as the OSError it is.
         buffer = io.BytesIO()
-        metadata = {CORRELATION_KEY: correlation_id} if correlation_id else None
         frame.write_parquet(buffer, compression="zstd", statistics=False, metadata=metadata)
         payload = buffer.getbuffer()
+
+        renamed = False
+
+        def publish() -> None:
+            nonlocal renamed
+            os.rename(temp_path, final_path)
+            renamed = True
+            fsync_directory(final_dir)
+
         try:
             with open(temp_path, "xb") as handle:
                 handle.write(payload)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.rename(temp_path, final_path)
-            fsync_directory(final_dir)
-        except OSError as exc:
+            if publish_guard is None:
+                publish()
+            else:
+                publish_guard(publish)
+        except BaseException as exc:
             temp_path.unlink(missing_ok=True)
+            if renamed:  # not acknowledged, so not kept (best effort: it may not be durable)
+                final_path.unlink(missing_ok=True)
+            if not isinstance(exc, OSError) or isinstance(exc, LandingWriteError):
+                raise
             raise LandingWriteError(
                 exc.errno, f"cannot write landing file for {source!r}: {exc.strerror}"
             ) from exc

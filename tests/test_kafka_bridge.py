@@ -543,9 +543,7 @@ def test_consumer_lag_counts_what_is_not_landed_and_committed(
     )
     registry = CollectorRegistry()
     with running(config, data_dir) as bridge:
-        registry.register(
-            BridgeCollector({"kafka": bridge.counters}, lambda: 0, {"kafka": bridge.lag})
-        )
+        registry.register(BridgeCollector({"kafka": bridge.counters}, {"kafka": bridge.lag}))
         wait_until(lambda: bridge.assignment == [(topic, 0)], timeout=30)
         broker.produce(topic, [{"value": b'{"x": %d}' % i, "partition": 0} for i in range(5)])
         wait_until(lambda: _count(data_dir, topic) == 5, timeout=30)  # a full batch: landed
