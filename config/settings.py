@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         10.0, gt=0, le=3600, description="Periodic landing re-scan for missed events."
     )
     ready_max_backlog_age_s: float | None = Field(
-        300.0, gt=0, description="/ready fails while a landing file waits longer (unset: never)."
+        300.0, gt=0, description="/ready fails while a landing file waits longer (None: never)."
     )
     query_timeout_s: float = Field(30.0, gt=0, le=3600)
     query_max_rows: int = Field(100_000, ge=1)

@@ -122,3 +122,16 @@ def test_statistics_pruning_on_the_arrow_path(data_dir: Path) -> None:
     assert _count(con, new_rows) == 6
     with pytest.raises(duckdb.Error):
         _count(con, "SELECT count(*) FROM silver.readings")
+
+
+def test_notebook_helper_gives_polars_and_pandas_frames(data_dir: Path) -> None:
+    import pandas as pd
+    import polars as pl
+
+    _fill(data_dir, load_contracts(), _readings("2026-11-20", "d1", 3))
+    con = connect(data_dir)
+    sql = "SELECT device_id, count FROM gold.readings_hourly"
+    as_polars = con.sql(sql).pl()
+    as_pandas = con.sql(sql).df()
+    assert isinstance(as_polars, pl.DataFrame) and isinstance(as_pandas, pd.DataFrame)
+    assert as_polars.to_dicts() == as_pandas.to_dict("records") == [{"device_id": "d1", "count": 3}]
