@@ -52,6 +52,13 @@ lint: $(STAMP)
 
 # Every benchmark section (bench/run_all.py): tables on stdout, merged JSON in
 # bench/results/latest.json. The bridges section needs mosquitto (`make system-deps`).
+# Fault injection and fuzzing in full: 60 random SIGKILLs, 4 restarts of each broker,
+# >= 1200 schemathesis cases, 500 examples per parser property (`make test` runs them short).
+reliability: $(STAMP) system-deps
+	LAKEHOUSE_RELIABILITY_KILLS=60 LAKEHOUSE_RELIABILITY_RESTARTS=4 \
+	LAKEHOUSE_RELIABILITY_CASES=1200 LAKEHOUSE_RELIABILITY_EXAMPLES=500 \
+	$(BIN)/pytest -q -m reliability tests/reliability
+
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 

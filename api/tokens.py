@@ -343,7 +343,9 @@ class TokenStore:
         now = datetime.now(UTC)
         with self._locked(wait=False) as acquired:
             if not acquired:
-                del self._touch_attempts[name]  # try again on the next request
+                # Try again on the next request. pop: concurrent requests of the same
+                # token may both get here, and a KeyError would fail a valid request.
+                self._touch_attempts.pop(name, None)
                 return False
             current = self.records()
             record = next((r for r in current if r.name == name), None)

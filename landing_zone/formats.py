@@ -176,13 +176,7 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
         # shapes (arrays mixing objects and numbers). Parse in Python: it either locates
         # the fault or yields records that we stringify ourselves.
         records = _ndjson_records(data) if ndjson else _json_records(data)
-    try:
-        return _raw_frame(records)
-    except UnicodeEncodeError as exc:
-        raise MalformedBatch(
-            f"invalid JSON: a string holds a lone UTF-16 surrogate "
-            f"(\\u{ord(exc.object[exc.start]):04x}), which has no UTF-8 form"
-        ) from None
+    return _raw_frame(records)
 
 
 def _floats_exact(frame: pl.DataFrame) -> bool:
@@ -267,7 +261,13 @@ def _raw_frame(records: list[dict[str, object]]) -> pl.DataFrame:
         for column in columns.values():
             if len(column) == index:
                 column.append(None)
-    return pl.DataFrame(columns, schema=dict.fromkeys(columns, pl.String))
+    try:
+        return pl.DataFrame(columns, schema=dict.fromkeys(columns, pl.String))
+    except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate; UTF-8 cannot
+        raise MalformedBatch(
+            f"invalid JSON: a string holds a lone UTF-16 surrogate "
+            f"(\\u{ord(exc.object[exc.start]):04x}), which has no UTF-8 form"
+        ) from None
 
 
 def _raw_value(value: object) -> str | None:

@@ -155,7 +155,14 @@ def test_logs_of_a_request_and_of_its_batch_carry_the_correlation_id(
             return 3 if n is not None and int(n) == 3 else None
 
         wait_until(gold_rows, timeout=60)
-        metrics = httpx.get(f"{base}/metrics").text
+
+        def scraped() -> str | None:
+            # Gold is visible the moment it commits; the metrics follow right after.
+            text = httpx.get(f"{base}/metrics").text
+            done = _metric(text, "lakehouse_end_to_end_seconds_count", source="readings")
+            return text if done else None
+
+        metrics = wait_until(scraped, timeout=30)
     finally:
         stop(proc)
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
