@@ -162,20 +162,25 @@ def ceiling_child(landing: Path, table: Path, fmt: str, result: Path) -> None:
     from deltalake import write_deltalake
 
     from config.settings import load_settings
+    from delta_processing.bronze import estimated_rows
 
     settings = load_settings(data_dir=table.parent)
     files = sorted(p for p in landing.iterdir() if p.is_file())
     chunks: list[list[Path]] = [[]]
-    size = 0
+    size = count = 0
     for path in files:
         length = path.stat().st_size
+        estimate = estimated_rows(path, length)
         if chunks[-1] and (
-            len(chunks[-1]) >= settings.batch_max_files or size + length > settings.batch_max_bytes
+            len(chunks[-1]) >= settings.batch_max_files
+            or size + length > settings.batch_max_bytes
+            or count + estimate > settings.batch_max_rows
         ):
             chunks.append([])
-            size = 0
+            size = count = 0
         chunks[-1].append(path)
         size += length
+        count += estimate
     rows = 0
     for chunk in chunks:
         names = [str(p) for p in chunk]

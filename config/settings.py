@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     batch_max_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Landing bytes per bronze micro-batch."
     )
+    batch_max_rows: int = Field(
+        250_000,
+        ge=1,
+        description="Rows per bronze micro-batch (bounds the processor's memory: ~4 KiB/row).",
+    )
     trigger_latency_ms: int = Field(
         200, ge=0, le=60_000, description="Wait after a landing event to gather more files."
     )

@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import structlog
 from deltalake import DeltaTable
 
@@ -68,12 +70,17 @@ class BronzeBatchResult:
 
 @dataclass(frozen=True)
 class BronzeLimits:
-    """Micro-batch bounds: at most this many files / bytes per bronze commit."""
+    """Micro-batch bounds: at most this many files / bytes / rows per bronze commit.
+
+    Rows bound the memory of the whole micro-batch (silver and gold work on it in
+    memory); a single file larger than a bound still goes alone.
+    """
 
     max_files: int
     max_bytes: int
     max_file_bytes: int
     settle_s: float = 0.0  # hand-dropped files must be unchanged this long
+    max_rows: int = 250_000
 
 
 class BronzeIngestor:
@@ -158,16 +165,20 @@ class BronzeIngestor:
 
     def _select(self, pending: list[Path]) -> list[Path]:
         chosen: list[Path] = []
-        total = 0
+        total = rows = 0
         for path in pending[: self._limits.max_files]:
             try:
                 size = path.stat().st_size
+                count = estimated_rows(path, size)
             except FileNotFoundError:
                 continue
-            if chosen and total + size > self._limits.max_bytes:
+            if chosen and (
+                total + size > self._limits.max_bytes or rows + count > self._limits.max_rows
+            ):
                 break
             chosen.append(path)
             total += size
+            rows += count
         return chosen
 
     def _commit_claim(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
@@ -281,6 +292,23 @@ class BronzeIngestor:
         shutil.move(path, target)
         fsync_directory(target_dir)
         log.warning("bronze.file_quarantined", source=source, file=name, error=error)
+
+
+# Text records are rarely shorter than this; compressed ones expand about this much.
+_MIN_TEXT_ROW_BYTES = 64
+_GZIP_RATIO = 5
+
+
+def estimated_rows(path: Path, size: int) -> int:
+    """Rows in a landing file: exact for Parquet (its footer), an upper estimate otherwise."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        try:
+            return int(pq.read_metadata(path).num_rows)
+        except (OSError, pa.ArrowInvalid):
+            return 1  # unreadable: bronze quarantines it, alone or not
+    expanded = size * _GZIP_RATIO if name.endswith(".gz") else size
+    return max(1, expanded // _MIN_TEXT_ROW_BYTES)
 
 
 def _modified_at(path: Path) -> datetime:

@@ -121,6 +121,7 @@ class Processor:
         limits = BronzeLimits(
             max_files=settings.batch_max_files,
             max_bytes=settings.batch_max_bytes,
+            max_rows=settings.batch_max_rows,
             max_file_bytes=settings.max_body_bytes,
             settle_s=settings.file_settle_ms / 1000,
         )

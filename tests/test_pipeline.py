@@ -422,3 +422,27 @@ def test_a_file_still_being_copied_is_not_read_half_written(data_dir: Path) -> N
     assert report.failures == []
     assert sorted(_table(settings, "silver")["value"].to_list()) == [1.0, 5.0]
     assert not list((settings.data_dir / "quarantine").rglob("big.ndjson"))
+
+
+def test_bronze_batches_are_bounded_by_rows(data_dir: Path) -> None:
+    """A backlog is taken in micro-batches of at most LAKEHOUSE_BATCH_MAX_ROWS rows
+    (memory stays bounded), a larger single file alone, and nothing is left behind."""
+    from config.contracts import load_contracts
+    from config.settings import load_settings
+    from delta_processing.processor import Processor
+    from tests.helpers import land_records
+
+    def rows(start: int, n: int) -> list[dict[str, object]]:
+        return [
+            {"ts": f"2026-11-20T10:{i % 60:02d}:{i // 60:02d}Z", "device_id": "d", "sensor": "s",
+             "value": float(i)}
+            for i in range(start, start + n)
+        ]  # fmt: skip
+
+    for start, n in ((0, 10), (10, 10), (20, 25), (45, 3), (48, 3)):
+        land_records(data_dir, "readings", rows(start, n))
+    settings = load_settings(data_dir=data_dir, file_settle_ms=0, batch_max_rows=15)
+    report = Processor(settings, load_contracts()).run_once()
+    assert not report.failures
+    assert [(b.files, b.rows) for b in report.bronze] == [(1, 10), (1, 10), (1, 25), (2, 6)]
+    assert sum(r.upserted for r in report.silver) == 51
