@@ -360,8 +360,9 @@ class MqttBridge:
         # queue of messages published while we are away.
         props.SessionExpiryInterval = self._config.session_expiry_s
         # Unacknowledged messages wait in our open batch, so the in-flight window must
-        # hold a whole batch, or batches could only ever be closed by latency.
-        props.ReceiveMaximum = min(self._config.batch_max_messages, MAX_RECEIVE_MAXIMUM)
+        # hold a whole batch, or batches could only ever be closed by latency; two
+        # batches, so the broker sends the next one while this one is being written.
+        props.ReceiveMaximum = min(2 * self._config.batch_max_messages, MAX_RECEIVE_MAXIMUM)
         return props
 
     def _open_link(self, client: mqtt.Client) -> None:

@@ -203,7 +203,7 @@ persistence_location {self.persistence_dir}/
 autosave_interval 1
 # The bridge defers acknowledgements until its landing file is durable: it needs a
 # large inflight window and queue (mosquitto's defaults, 20 and 1000, are far too small).
-max_inflight_messages 1000
+max_inflight_messages 4000
 max_queued_messages 100000
 log_dest stdout
 log_type error
