@@ -20,7 +20,7 @@ from api.auth import scoped
 from api.context import ApiContext, get_context
 from api.errors import ApiError
 from api.tables import catalog_error, opened
-from delta_processing.maintenance import policy_for
+from delta_processing.maintenance import MaintenancePolicy, policy_for
 from delta_processing.operations import (
     OperationConflict,
     OperationRefused,
@@ -32,7 +32,7 @@ from delta_processing.operations import (
     vacuum_table,
 )
 from delta_processing.refresh import RefreshRefused
-from delta_processing.tables import Layer
+from delta_processing.tables import Layer, TableStore
 
 router = APIRouter(tags=["admin"], dependencies=[scoped("admin")])  # type: ignore[list-item]
 
@@ -48,6 +48,15 @@ def _checked(layer: str, name: str) -> Layer:
         return check_table_ref(layer, name)
     except CatalogError as exc:
         raise catalog_error(exc, layer, name) from None
+
+
+async def _maintenance_target(
+    context: ApiContext, layer: str, name: str
+) -> tuple[Layer, TableStore, MaintenancePolicy]:
+    """The checked table reference (404 before any waiting), its store and the policy."""
+    checked = _checked(layer, name)
+    await opened(context, layer, name)
+    return checked, table_store(context.settings), policy_for(context.settings)
 
 
 def operation_error(exc: Exception) -> ApiError:
@@ -71,11 +80,7 @@ async def optimize(
     context: ApiContext = Depends(get_context),
 ) -> dict[str, Any]:
     """Compact the table's small files (Z-order them by ``zorder`` if given)."""
-    checked = _checked(layer, name)
-    await opened(context, layer, name)  # 404 before waiting for anything
-    settings = context.settings
-    store = table_store(settings)
-    policy = policy_for(settings)
+    checked, store, policy = await _maintenance_target(context, layer, name)
     try:
         outcome = await run_in_threadpool(
             context.operations, lambda: optimize_table(store, checked, name, policy, zorder)
@@ -99,11 +104,7 @@ async def vacuum(
     The retention is ``LAKEHOUSE_VACUUM_RETENTION_DAYS`` and never below the
     table's own minimum; versions a downstream stage has still to read are kept.
     """
-    checked = _checked(layer, name)
-    await opened(context, layer, name)  # 404 before waiting for anything
-    settings = context.settings
-    store = table_store(settings)
-    policy = policy_for(settings)
+    checked, store, policy = await _maintenance_target(context, layer, name)
     try:
         outcome = await run_in_threadpool(
             context.operations,
