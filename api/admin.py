@@ -87,6 +87,7 @@ async def optimize(
         )
     except (OperationConflict, OperationRefused) as exc:
         raise operation_error(exc) from None
+    context.metrics.admin_operations.labels("optimize").inc()
     body = asdict(outcome)
     body["compaction"]["zorder"] = list(outcome.compaction.zorder)
     return body
@@ -112,6 +113,8 @@ async def vacuum(
         )
     except (OperationConflict, OperationRefused) as exc:
         raise operation_error(exc) from None
+    if not dry_run:
+        context.metrics.admin_operations.labels("vacuum").inc()
     return asdict(outcome)
 
 
@@ -133,4 +136,5 @@ async def refresh(target: str, context: ApiContext = Depends(get_context)) -> di
         )
     except (OperationConflict, OperationRefused, RefreshRefused) as exc:
         raise operation_error(exc) from None
+    context.metrics.admin_operations.labels("refresh").inc()
     return {**asdict(outcome.result), "version": outcome.version}

@@ -50,6 +50,12 @@ class ApiMetrics(Collector):
             ["source"],
             registry=None,
         )
+        self.admin_operations = Counter(
+            "lakehouse_admin_operations",
+            "On-demand maintenance done through the admin API: optimize, vacuum, refresh.",
+            ["operation"],
+            registry=None,
+        )
         self.ingested_bytes = Counter(
             "lakehouse_ingest_bytes",
             "Request body bytes accepted per source (as sent, before gunzip).",
@@ -65,6 +71,7 @@ class ApiMetrics(Collector):
             self.ingested_batches,
             self.ingested_records,
             self.ingested_bytes,
+            self.admin_operations,
         ):
             yield from metric.collect()
 

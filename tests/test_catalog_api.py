@@ -342,6 +342,10 @@ def test_admin_operations_run_inside_a_running_processor(
             land_records(lake_settings.data_dir, "readings", [reading(40, i) for i in range(3)])
             refreshed = client.post("/v1/admin/refresh/silver/readings", headers=auth(tokens.admin))
             assert refreshed.status_code == 200, refreshed.text
+            metrics = client.get("/metrics").text
+            for operation in ("optimize", "refresh"):
+                line = f'lakehouse_admin_operations_total{{operation="{operation}"}} 1.0'
+                assert line in metrics
         silver = DeltaTable(str(lake_settings.data_dir / "silver" / "readings"))
         wait_until(lambda: silver.update_incremental() or silver.count() == GOOD_ROWS + 3)
     finally:
