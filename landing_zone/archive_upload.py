@@ -161,9 +161,10 @@ class ArchiveUploader:
         if settings.archive_uri is None:
             return None
         container_name, prefix = parse_archive_uri(settings.archive_uri)
-        # The SDK's own retries stay short: ours (with back-off) decide how long to wait.
+        # No SDK retries (its first back-off is 15 s per attempt): ours, with back-off,
+        # decide how long to wait.
         transport: dict[str, Any] = {
-            "retry_total": 1,
+            "retry_total": 0,
             "connection_timeout": 10,
             "read_timeout": 120,
         }
