@@ -761,47 +761,54 @@ def _headers_json(headers: Headers | None) -> str:
 
 
 def _lineage_frame(messages: Sequence[Message]) -> pl.DataFrame:
-    topics: list[str | None] = []
-    partitions: list[int | None] = []
-    offsets: list[int | None] = []
+    # Hot path (every message): comprehensions over the C accessors, no per-message calls
+    # of our own except for the rare non-UTF-8 key and the header sets (memoised).
+    raw_keys = [message.key() for message in messages]
     keys: list[str | None] = []
-    key_flags: list[str] = []
-    stamps: list[int | None] = []
-    headers: list[str] = []
+    flags: list[str] = []
+    for key in raw_keys:
+        if key is None:
+            keys.append(None)
+            flags.append("false")
+        else:
+            text, flag = _key_text(key)
+            keys.append(text)
+            flags.append(flag)
+    stamps = [message.timestamp() for message in messages]
     encoded_headers: dict[object, str] = {}  # most messages repeat a few header sets
-    for message in messages:
-        topics.append(message.topic())
-        partitions.append(message.partition())
-        offsets.append(message.offset())
-        key, flag = _key_text(message.key())
-        keys.append(key)
-        key_flags.append(flag)
-        kind, stamp = message.timestamp()
-        stamps.append(None if kind == 0 else stamp)  # 0: TIMESTAMP_NOT_AVAILABLE
-        raw = message.headers()
-        if not raw:
-            headers.append("{}")
-            continue
-        memo = tuple(raw) if isinstance(raw, list) else None
-        text = encoded_headers.get(memo) if memo is not None else None
-        if text is None:
-            text = _headers_json(raw)
-            if memo is not None:
-                encoded_headers[memo] = text
-        headers.append(text)
+    headers = [_cached_headers(message.headers(), encoded_headers) for message in messages]
     return pl.DataFrame(
         {
-            "kafka_topic": pl.Series(topics, dtype=pl.String),
-            "kafka_partition": pl.Series(partitions, dtype=pl.Int64).cast(pl.String),
-            "kafka_offset": pl.Series(offsets, dtype=pl.Int64).cast(pl.String),
+            "kafka_topic": pl.Series([m.topic() for m in messages], dtype=pl.String),
+            "kafka_partition": pl.Series([m.partition() for m in messages], dtype=pl.Int64).cast(
+                pl.String
+            ),
+            "kafka_offset": pl.Series([m.offset() for m in messages], dtype=pl.Int64).cast(
+                pl.String
+            ),
             "kafka_key": pl.Series(keys, dtype=pl.String),
-            "kafka_key_base64": pl.Series(key_flags, dtype=pl.String),
-            "kafka_timestamp": pl.Series(stamps, dtype=pl.Int64)
+            "kafka_key_base64": pl.Series(flags, dtype=pl.String),
+            # kind 0: TIMESTAMP_NOT_AVAILABLE
+            "kafka_timestamp": pl.Series(
+                [None if kind == 0 else stamp for kind, stamp in stamps], dtype=pl.Int64
+            )
             .cast(pl.Datetime("ms", "UTC"))
             .dt.to_string("%Y-%m-%dT%H:%M:%S%.3fZ"),
             "kafka_headers": pl.Series(headers, dtype=pl.String),
         }
     )
+
+
+def _cached_headers(raw: Headers | None, memo: dict[object, str]) -> str:
+    if not raw:
+        return "{}"
+    key = tuple(raw) if isinstance(raw, list) else None
+    text = memo.get(key) if key is not None else None
+    if text is None:
+        text = _headers_json(raw)
+        if key is not None:
+            memo[key] = text
+    return text
 
 
 def _with_lineage(payload: pl.DataFrame, messages: Sequence[Message]) -> pl.DataFrame:
@@ -851,7 +858,7 @@ def _json_payload_frame(
     for index, value in enumerate(values):
         if value is None:
             errors[index] = "message has a null value (tombstone), not a JSON object"
-        elif not value.strip():
+        elif not value or value.isspace():
             errors[index] = "empty message value, not a JSON object"
     good = [i for i in range(len(values)) if i not in errors]
     if not good:
