@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from delta_processing.quality import QUALITY_LAYER, QUALITY_SCHEMA, QUALITY_TABLE
-from delta_processing.tables import TableStore, as_store
+from delta_processing.tables import TableStore, as_store, read_snapshot
 
 
 def read_quality(
@@ -20,7 +20,7 @@ def read_quality(
     table = as_store(data_dir).open(QUALITY_LAYER, QUALITY_TABLE)
     if table is None:
         return pl.DataFrame(schema=QUALITY_SCHEMA)
-    rows = pl.scan_delta(table)
+    rows = read_snapshot(table)
     if source is not None:
         rows = rows.filter(pl.col("source") == source)
     return rows.sort("evaluated_at", descending=True).head(last).collect()

@@ -17,7 +17,7 @@ from deltalake import DeltaTable
 from analytics.catalog import TableDetails, describe_tables, history_entry
 from analytics.quality import read_quality
 from config.contracts import ContractRegistry
-from delta_processing.tables import TableStore
+from delta_processing.tables import TableStore, read_snapshot
 from landing_zone.layout import DEAD_LETTERS
 
 # Commits of the last hour read per bronze table at most (one per micro-batch).
@@ -176,7 +176,7 @@ def dead_letters(store: TableStore, keep: int = 20) -> list[dict[str, Any]]:
         return []
     order = "_ingested_at" if "_ingested_at" in wanted else wanted[-1]
     newest = (
-        pl.scan_delta(table)
+        read_snapshot(table)
         .select(wanted)
         .sort(order, descending=True, nulls_last=True)
         .head(keep)

@@ -12,11 +12,13 @@ credentials) are served through Arrow.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import duckdb
 import pyarrow as pa
 
 from analytics.catalog import TableSnapshot, snapshot_tables
+from delta_processing.storage import local_path
 from delta_processing.tables import LAYERS, TableStore, as_store, local_root
 
 
@@ -29,7 +31,8 @@ def _literal(text: str) -> str:
 
 
 def _local_path(uri: str) -> str:
-    return uri.removeprefix("file://")
+    # file_uris() %-escapes spaces and other characters of the path.
+    return str(local_path(uri))
 
 
 _VERSIONS = "__lakehouse_versions"
@@ -51,19 +54,27 @@ def register_views(
         con.execute(
             f"INSERT OR REPLACE INTO {_VERSIONS} VALUES (?, ?)", [snap.qualified_name, snap.version]
         )
-        local = fast_path and local_root(snap.table) is not None
-        if local and snap.file_uris and all(c.startswith("_") for c in snap.partition_columns):
+        plan = _fast_path_plan(snap) if fast_path and local_root(snap.table) is not None else None
+        if plan is not None:
             files = ", ".join(_literal(_local_path(uri)) for uri in snap.file_uris)
-            # Our own partition columns (_ingest_date, _event_date) are dates DuckDB reads
-            # back exactly from the hive-style paths deltalake writes.
-            hive = ", hive_partitioning = true" if snap.partition_columns else ""
-            # Files written before a schema evolution lack the new columns and need
-            # union_by_name, which opens every file when the view is bound; without it
-            # a partition filter skips other partitions' files unopened.
-            union = "" if _every_file_has_every_column(snap) else ", union_by_name = true"
+            options = ""
+            if snap.partition_columns:
+                # Our partition columns (_ingest_date, _event_date) are dates DuckDB reads
+                # back from the hive-style paths deltalake writes; typed explicitly, or an
+                # all-null partition would come back as text.
+                types = ", ".join(f"{_literal(c)}: 'DATE'" for c in snap.partition_columns)
+                options += f", hive_partitioning = true, hive_types = {{{types}}}"
+            if plan == "union":
+                # Files written before a schema evolution lack the new columns. This opens
+                # every file when the view is bound; without it a partition filter skips
+                # other partitions' files unopened.
+                options += ", union_by_name = true"
+            # Exactly the Delta schema's columns: key=value folders above the data
+            # directory would otherwise become columns too.
+            columns = ", ".join(_ident(field.name) for field in snap.schema)
             con.execute(
                 f"CREATE OR REPLACE VIEW {target} AS "
-                f"SELECT * FROM read_parquet([{files}]{union}{hive})"
+                f"SELECT {columns} FROM read_parquet([{files}]{options})"
             )
             continue
         relation_name = f"__delta_{snap.layer}_{snap.name}"
@@ -76,21 +87,39 @@ def register_views(
         con.execute(f"CREATE OR REPLACE VIEW {target} AS SELECT * FROM {_ident(relation_name)}")
 
 
-def _every_file_has_every_column(snap: TableSnapshot) -> bool:
-    """Whether the Delta log's statistics show every column in every active file.
+def _fast_path_plan(snap: TableSnapshot) -> Literal["plain", "union"] | None:
+    """How ``read_parquet`` can serve the table exactly, or ``None`` (use Arrow).
 
-    A file written before a column was added has no statistics for it. Tables
-    with columns the log keeps no statistics for (past the first 32, say) do not
-    qualify: that proves nothing either way.
+    From the Delta log's statistics: a file written before a column was added has
+    none for it. ``plain`` when every file holds every column; ``union`` when some
+    file lacks one that others hold; ``None`` when a column is in no file at all
+    (a schema change that added no rows), when the log keeps no statistics for a
+    column (past the first 32, say), for partition columns that are not our own
+    date columns, for empty tables, and for reader features the fast path cannot
+    honour (deletion vectors, column mapping).
     """
+    if not snap.file_uris or not all(c.startswith("_") for c in snap.partition_columns):
+        return None
+    by_name = {field.name: field for field in snap.schema}
+    if any(not pa.types.is_date32(by_name[c].type) for c in snap.partition_columns):
+        return None
+    features = snap.table.protocol().reader_features or []
+    if {"deletionVectors", "columnMapping"} & set(features):
+        return None
     actions = pa.table(snap.table.get_add_actions(flatten=True))
+    plan: Literal["plain", "union"] = "plain"
     for field in snap.schema:
         if field.name in snap.partition_columns:
             continue
         stats = f"null_count.{field.name}"
-        if stats not in actions.column_names or actions.column(stats).null_count:
-            return False
-    return True
+        if stats not in actions.column_names:
+            return None
+        missing = actions.column(stats).null_count
+        if missing == actions.num_rows:
+            return None
+        if missing:
+            plan = "union"
+    return plan
 
 
 def connect(

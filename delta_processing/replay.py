@@ -20,7 +20,7 @@ import polars as pl
 import structlog
 
 from delta_processing.column_names import RESERVED_COLUMNS
-from delta_processing.tables import TableStore, sync_latest_commit
+from delta_processing.tables import TableStore, read_snapshot, sync_latest_commit
 from landing_zone.layout import LandingLayout, fsync_directory
 from landing_zone.writer import LandingWriter
 
@@ -53,7 +53,7 @@ def replay_quarantine(
     intent_path = _intent_path(data_dir, source)
     if table is None:
         return ReplayResult(source, 0, None)
-    rows = pl.read_delta(table)
+    rows = read_snapshot(table).collect()
     if intent_path.exists():
         intent = json.loads(intent_path.read_text(encoding="utf-8"))
         cutoff = datetime.fromisoformat(intent["cutoff"])

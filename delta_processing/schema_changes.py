@@ -14,7 +14,13 @@ import structlog
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.schema import Field
 
-from delta_processing.tables import REFRESH_MARK, reopen, sync_latest_commit, to_arrow
+from delta_processing.tables import (
+    REFRESH_MARK,
+    read_snapshot,
+    reopen,
+    sync_latest_commit,
+    to_arrow,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +47,7 @@ def is_safe_widening(old: pl.DataType, new: pl.DataType) -> bool:
 
 def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> DeltaTable:
     """Add missing columns and apply safe widenings so ``table`` can hold ``wanted``."""
-    current = pl.scan_delta(table).collect_schema()
+    current = read_snapshot(table).collect_schema()
     missing = [name for name in wanted if name not in current]
     if missing:
         arrow = to_arrow(pl.DataFrame(schema={n: wanted[n] for n in missing})).schema
@@ -58,7 +64,9 @@ def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> Delta
             f"{label}: the contract changes column types unsafely ({details}); "
             f"rebuild the table with `lakehouse refresh {label}`"
         )
-    frame = pl.read_delta(table).with_columns(pl.col(n).cast(t) for n, t in changed.items())
+    frame = (
+        read_snapshot(table).collect().with_columns(pl.col(n).cast(t) for n, t in changed.items())
+    )
     write_deltalake(
         table,
         to_arrow(frame),

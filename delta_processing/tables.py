@@ -363,5 +363,12 @@ def read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
 
 
 def read_snapshot(table: DeltaTable) -> pl.LazyFrame:
-    """A lazy scan of the table at the version ``table`` is loaded at."""
+    """A lazy scan of the table at the version ``table`` is loaded at.
+
+    Polars' own Delta scan cannot open %-escaped local paths (a data directory
+    with a space in its name); such tables are scanned through deltalake's Arrow
+    dataset instead.
+    """
+    if local_root(table) is not None and "%" in table.table_uri + "".join(table.file_uris()[:1]):
+        return pl.scan_pyarrow_dataset(table.to_pyarrow_dataset())
     return pl.scan_delta(table)

@@ -135,3 +135,31 @@ def test_notebook_helper_gives_polars_and_pandas_frames(data_dir: Path) -> None:
     as_pandas = con.sql(sql).df()
     assert isinstance(as_polars, pl.DataFrame) and isinstance(as_pandas, pd.DataFrame)
     assert as_polars.to_dicts() == as_pandas.to_dict("records") == [{"device_id": "d1", "count": 3}]
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
+    return [(row[0], row[1]) for row in con.sql(f"DESCRIBE {table}").fetchall()]
+
+
+def test_fast_path_serves_the_delta_schema_exactly(tmp_path: Path) -> None:
+    """Odd data directory paths, and a column no file holds yet, read the same on both paths."""
+    import polars as pl
+    from deltalake import write_deltalake
+
+    data_dir = tmp_path / "my data" / "dados"  # file_uris() %-escapes the space
+    data_dir.mkdir(parents=True)
+    contracts = _partitioned()
+    _fill(data_dir, contracts, _readings("2026-11-20", "d1", 3))
+    # A foreign table whose latest schema change added a column with no rows behind it.
+    meta = data_dir / "gold" / "evolved"
+    write_deltalake(str(meta), pl.DataFrame({"a": [1, 2]}).to_arrow())
+    empty = pl.DataFrame(schema={"a": pl.Int64, "b": pl.String}).to_arrow()
+    write_deltalake(str(meta), empty, mode="append", schema_mode="merge")
+
+    fast, arrow = connect(data_dir), connect(data_dir, fast_path=False)
+    for table in ("bronze.readings", "silver.readings", "gold.readings_hourly", "gold.evolved"):
+        assert _columns(fast, table) == _columns(arrow, table), table
+        rows = f"SELECT * FROM {table} ORDER BY ALL"
+        assert fast.sql(rows).pl().equals(arrow.sql(rows).pl()), table
+    assert fast.sql("SELECT a, b FROM gold.evolved ORDER BY a").fetchall() == [(1, None), (2, None)]
+    assert _count(connect(data_dir, sandboxed=True), "SELECT count(*) FROM silver.readings") == 3
