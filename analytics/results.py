@@ -141,17 +141,36 @@ def format_for_accept(accept: str | None) -> ResultFormat:
     raise UnsupportedResultFormat(f"cannot answer with {accept!r}; results come as {served}")
 
 
+class UnencodableResult(ValueError):
+    """The result holds values the requested format cannot represent."""
+
+
 def encode_result(table: pa.Table, fmt: ResultFormat) -> bytes:
     """The result in ``fmt``: CSV with a header row, an Arrow IPC stream, or a Parquet file.
 
     JSON is :func:`rows_json` inside the endpoint's envelope; here it is the bare rows.
+    Raises :class:`UnencodableResult` naming the column types ``fmt`` cannot hold.
     """
+    try:
+        return _encode(table, fmt)
+    except (pl.exceptions.PolarsError, pa.ArrowException, TypeError, ValueError) as exc:
+        types = ", ".join(f"{f.name} {f.type}" for f in table.schema)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnencodableResult(
+            f"the result cannot be written as {fmt} ({first}); columns: {types}. "
+            "Cast those columns (e.g. to VARCHAR) or ask for JSON"
+        ) from None
+
+
+def _encode(table: pa.Table, fmt: ResultFormat) -> bytes:
     if fmt == "json":
         return rows_json(table).encode()
     if fmt == "csv":
         text = _iso_intervals(unique_names(table))
         frame = pl.from_arrow(text)
         assert isinstance(frame, pl.DataFrame)
+        blobs = [c for c, t in frame.schema.items() if t == pl.Binary]
+        frame = frame.with_columns(pl.col(blobs).bin.encode("base64"))  # as in JSON
         try:
             return frame.write_csv().encode()
         except pl.exceptions.ComputeError:  # nested values: CSV has no place for them

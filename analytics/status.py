@@ -138,7 +138,9 @@ def _commits_since(table: DeltaTable, start: datetime) -> list[Any]:
         limit = min(limit * 4, MAX_COMMITS_PER_TABLE)
 
 
-def quality_failures(data_dir: Path, last: int = 200, keep: int = 20) -> list[dict[str, Any]]:
+def quality_failures(
+    data_dir: TableStore | Path, last: int = 200, keep: int = 20
+) -> list[dict[str, Any]]:
     """Recent quality batches that warned, dropped or quarantined rows (newest first)."""
     frame = read_quality(data_dir, None, last)
     failures = []
@@ -198,7 +200,7 @@ def lakehouse_status(
     tables = describe_tables(store, now=now)
     warnings = []
     try:
-        failures = quality_failures(data_dir)
+        failures = quality_failures(store)  # _meta lives with the tables (maybe remote)
     except Exception as exc:  # the page still shows the rest
         failures = []
         warnings.append(f"quality metrics unreadable: {str(exc).splitlines()[0]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from deltalake.exceptions import CommitFailedError, DeltaError
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
@@ -69,6 +70,10 @@ def operation_error(exc: Exception) -> ApiError:
         return ApiError(409, "refresh_refused", str(exc))
     if isinstance(exc, UnknownTarget):
         return ApiError(404, "unknown_table", str(exc))
+    if isinstance(exc, CommitFailedError):  # a concurrent writer won, retries exhausted
+        return ApiError(409, "commit_conflict", str(exc), headers={"Retry-After": "30"})
+    if isinstance(exc, DeltaError):  # the table refused it (e.g. z-order by a partition)
+        return ApiError(409, "operation_failed", str(exc).splitlines()[0])
     return ApiError(400, "invalid_operation", str(exc))
 
 
@@ -85,7 +90,7 @@ async def optimize(
         outcome = await run_in_threadpool(
             context.operations, lambda: optimize_table(store, checked, name, policy, zorder)
         )
-    except (OperationConflict, OperationRefused) as exc:
+    except (OperationConflict, OperationRefused, DeltaError) as exc:
         raise operation_error(exc) from None
     context.metrics.admin_operations.labels("optimize").inc()
     body = asdict(outcome)
@@ -111,7 +116,7 @@ async def vacuum(
             context.operations,
             lambda: vacuum_table(store, context.contracts, checked, name, policy, dry_run=dry_run),
         )
-    except (OperationConflict, OperationRefused) as exc:
+    except (OperationConflict, OperationRefused, DeltaError) as exc:
         raise operation_error(exc) from None
     if not dry_run:
         context.metrics.admin_operations.labels("vacuum").inc()
@@ -134,7 +139,7 @@ async def refresh(target: str, context: ApiContext = Depends(get_context)) -> di
         outcome = await run_in_threadpool(
             context.operations, lambda: refresh_target(store, context.contracts, target)
         )
-    except (OperationConflict, OperationRefused, RefreshRefused) as exc:
+    except (OperationConflict, OperationRefused, RefreshRefused, DeltaError) as exc:
         raise operation_error(exc) from None
     context.metrics.admin_operations.labels("refresh").inc()
     return {**asdict(outcome.result), "version": outcome.version}

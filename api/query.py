@@ -17,6 +17,7 @@ from analytics.query import (
 from analytics.results import (
     MEDIA_TYPES,
     ResultFormat,
+    UnencodableResult,
     UnsupportedResultFormat,
     columns_json,
     encode_result,
@@ -77,7 +78,10 @@ async def query(
         raise ApiError(400, "query_error", str(exc)) from None
     headers = {"X-Row-Count": str(table.num_rows)}
     if fmt != "json":
-        content = await run_in_threadpool(encode_result, table, fmt)
+        try:
+            content = await run_in_threadpool(encode_result, table, fmt)
+        except UnencodableResult as exc:
+            raise ApiError(422, "unencodable_result", str(exc)) from None
         return Response(content, media_type=MEDIA_TYPES[fmt], headers=headers)
     payload = (
         f'{{"columns":{columns_json(table)},"rows":{rows_json(table)},'

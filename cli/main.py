@@ -250,7 +250,7 @@ def sql(
 ) -> None:
     """Run read-only SQL over the lakehouse tables (e.g. gold.readings_hourly)."""
     from analytics.query import QueryError, QueryLimits, run_query
-    from analytics.results import RESULT_FORMATS, encode_result, to_frame
+    from analytics.results import RESULT_FORMATS, UnencodableResult, encode_result, to_frame
     from delta_processing.tables import TableStore
 
     settings, _ = load()
@@ -264,7 +264,10 @@ def sql(
         fail(str(exc), code=1)
     if output is not OutputFormat.table:
         fmt = next(f for f in RESULT_FORMATS if f == output.value)
-        content = encode_result(result, fmt)
+        try:
+            content = encode_result(result, fmt)
+        except UnencodableResult as exc:
+            fail(str(exc), code=1)
         if output is OutputFormat.json:
             content += b"\n"
         if destination is not None:

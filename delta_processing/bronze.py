@@ -374,8 +374,10 @@ def new_stream_records(
         },
         schema={"kafka_topic": pl.String, "kafka_partition": pl.String, "\x01held": pl.Int64},
     )
+    # Rows without a full position (other writers; or a record that merely has a field
+    # called kafka_offset) are never re-deliveries: comparing them would drop them.
     fresh = keyed.join(floors, on=["kafka_topic", "kafka_partition"], how="left").filter(
-        pl.col("\x01offset").is_null() | (pl.col("\x01offset") > pl.col("\x01held"))
+        ~positioned | (pl.col("\x01offset") > pl.col("\x01held"))
     )
     positions = {
         stream_app_id(topic, partition): int(top)

@@ -419,3 +419,22 @@ def test_integral_sums_are_json_numbers_and_exact_decimals_stay_text() -> None:
     assert json.loads(rows_json(table)) == [
         {"total": 42, "huge": "170141183460469231731687303715884105727", "price": "1.50"}
     ]
+
+
+def test_results_a_format_cannot_hold_are_a_clear_422(filled: TestClient, tokens: Tokens) -> None:
+    headers = _auth(tokens.query)
+
+    def post(sql: str, fmt: str) -> httpx.Response:
+        return filled.post("/v1/query", json={"sql": sql, "format": fmt}, headers=headers)
+
+    blob = post("SELECT 'abc'::BLOB AS b", "csv")  # blobs: base64, as in JSON
+    assert blob.status_code == 200 and blob.text.splitlines() == ["b", "YWJj"]
+    for sql, fmt in (
+        ("SELECT INTERVAL 1 DAY AS i", "parquet"),
+        ("SELECT union_value(k := 1) AS u", "csv"),
+    ):
+        answer = post(sql, fmt)
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "unencodable_result" and "ask for JSON" in error["message"]
+        assert post(sql, "json").status_code == 200
