@@ -65,7 +65,10 @@ async def authenticated(
         )
     record = verdict.record
     if store.touch_due(record):  # at most once a minute per token and process
-        await run_in_threadpool(store.touch, record.name)
+        try:
+            await run_in_threadpool(store.touch, record.name)
+        except OSError as exc:  # bookkeeping only: never fail a valid request over it
+            log.warning("auth.last_used_not_recorded", token=record.name, error=str(exc))
     return record
 
 

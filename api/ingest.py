@@ -20,6 +20,7 @@ import errno
 import hashlib
 import re
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import polars as pl
@@ -161,39 +162,47 @@ async def ingest(
         raise ApiError(400, "malformed_body", str(exc), line=exc.line, record=exc.record) from None
     if frame.height == 0:
         raise ApiError(400, "empty_batch", "the body holds no records")
-    await enforce_ingest_rate(request, token, source, rows=frame.height, nbytes=len(body))
     correlation_id = getattr(request.state, "correlation_id", None)
+
+    def charge() -> Awaitable[None]:
+        return enforce_ingest_rate(request, token, source, rows=frame.height, nbytes=len(body))
+
     try:
         if idempotency_key is not None:
+            # Charged only when it is written: a replay answers what was already paid for.
             accepted, replayed = await _idempotent_write(
-                context, token, source, idempotency_key, fmt, body, frame, correlation_id
+                context, token, source, idempotency_key, fmt, body, frame, correlation_id, charge
             )
             if replayed:
                 response.headers[REPLAYED_HEADER] = "true"
                 return accepted
-        elif context.group_commit is not None and (
-            len(body) <= context.settings.group_commit_max_body_bytes
-        ):
-            grouped = await context.group_commit.submit(source, frame, correlation_id, len(body))
-            accepted = IngestAccepted(
-                batch_id=grouped.batch_id,
-                source=source,
-                records=grouped.records,
-                first_record=grouped.first_record,
-            )
         else:
-            receipt = await run_in_threadpool(
-                partial(context.writer.write_frame, source, frame, correlation_id=correlation_id)
-            )
-            accepted = IngestAccepted(
-                batch_id=receipt.batch_id, source=source, records=receipt.records
-            )
+            await charge()
+            accepted = await _write(context, source, frame, len(body), correlation_id)
     except LandingWriteError as exc:
         raise _write_error(exc) from None
     context.metrics.ingested_batches.labels(source).inc()
     context.metrics.ingested_records.labels(source).inc(accepted.records)
     context.metrics.ingested_bytes.labels(source).inc(len(raw_body))
     return accepted
+
+
+async def _write(
+    context: ApiContext, source: str, frame: pl.DataFrame, size: int, correlation_id: str | None
+) -> IngestAccepted:
+    """Land ``frame``: group-committed with other small bodies, or in a file of its own."""
+    if context.group_commit is not None and size <= context.settings.group_commit_max_body_bytes:
+        grouped = await context.group_commit.submit(source, frame, correlation_id, size)
+        return IngestAccepted(
+            batch_id=grouped.batch_id,
+            source=source,
+            records=grouped.records,
+            first_record=grouped.first_record,
+        )
+    receipt = await run_in_threadpool(
+        partial(context.writer.write_frame, source, frame, correlation_id=correlation_id)
+    )
+    return IngestAccepted(batch_id=receipt.batch_id, source=source, records=receipt.records)
 
 
 def _write_error(exc: LandingWriteError) -> ApiError:
@@ -223,7 +232,11 @@ async def _check_backpressure(context: ApiContext) -> None:
         return
     pressure = gate.cached() or gate.stale_but_busy()
     if pressure is None:
-        pressure = await run_in_threadpool(gate.measure)
+        try:
+            pressure = await run_in_threadpool(gate.measure)
+        except BaseException:
+            gate.measurement_abandoned()  # cancelled before it ran: let another measure
+            raise
     refusal = gate.refusal(pressure)
     if refusal is not None:
         raise ApiError(
@@ -243,6 +256,7 @@ async def _idempotent_write(
     body: bytes,
     frame: pl.DataFrame,
     correlation_id: str | None,
+    charge: Callable[[], Awaitable[None]],
 ) -> tuple[IngestAccepted, bool]:
     """Write ``frame`` at most once per (token, source, key); ``(answer, replayed)``.
 
@@ -285,6 +299,7 @@ async def _idempotent_write(
             continue
         guard = store.publish_guard(principal, source, key, outcome.owner)
         try:
+            await charge()  # 429 releases the key: a later retry writes
             await run_in_threadpool(
                 partial(
                     context.writer.write_frame,

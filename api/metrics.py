@@ -77,8 +77,9 @@ class ApiMetrics(Collector):
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    """Metrics in the Prometheus text format."""
+def metrics(request: Request) -> Response:
+    """Metrics in the Prometheus text format (a plain def: collecting lists the landing
+    directories, which must not block the event loop)."""
     registry = request.app.state.metrics
     assert isinstance(registry, CollectorRegistry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -55,9 +55,10 @@ def measure_backlog(layout: LandingLayout) -> dict[str, SourceBacklog]:
 
 
 def _listed(directory: Path) -> list[Path]:
-    if not directory.is_dir():
+    try:  # bronze removes claim directories as it finishes them
+        return [p for p in directory.iterdir() if is_landing_file(p) and p.is_file()]
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return [p for p in directory.iterdir() if is_landing_file(p) and p.is_file()]
 
 
 class BacklogCollector(Collector):

@@ -87,6 +87,11 @@ class BackpressureGate:
             self._measuring = True
             return None
 
+    def measurement_abandoned(self) -> None:
+        """The caller of :meth:`stale_but_busy` will not measure after all."""
+        with self._lock:
+            self._measuring = False
+
     def measure(self) -> LandingPressure:
         """Measure now (blocking: directory listings and a statvfs) and cache the result."""
         try:

@@ -118,7 +118,14 @@ class GroupCommitter:
             group.timer.cancel()
         self._in_flight[source] = self._in_flight.get(source, 0) + 1
         loop = asyncio.get_running_loop()
-        task = loop.run_in_executor(self._executor, self._write, source, group.entries)
+        try:
+            task = loop.run_in_executor(self._executor, self._write, source, group.entries)
+        except BaseException as exc:  # e.g. the executor is shut down: fail, never hang
+            self._in_flight[source] -= 1
+            for entry in group.entries:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            return
         task.add_done_callback(lambda done: self._finished(source, group, done))
 
     def _write(self, source: str, entries: list[_Entry]) -> LandingReceipt:

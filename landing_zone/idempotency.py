@@ -174,7 +174,11 @@ class IdempotencyStore:
                 (principal, source, key),
             ).fetchone()
             owner = f"{self._process}:{uuid.uuid4().hex}"
-            if row is not None and row[4] + self.window_s <= now and row[1] == "done":
+            if (
+                row is not None
+                and row[4] + self.window_s <= now
+                and (row[1] == "done" or row[6] <= now or _owner_is_dead(row[5]))
+            ):  # past the window, and done or abandoned by its writer
                 conn.execute(
                     "DELETE FROM idempotency WHERE principal = ? AND source = ? AND key = ?",
                     (principal, source, key),
@@ -306,7 +310,8 @@ class IdempotencyStore:
     def _purge(self, conn: sqlite3.Connection, now: float) -> int:
         self._last_purge = now
         cursor = conn.execute(
-            "DELETE FROM idempotency WHERE state = 'done' AND created_at <= ?",
-            (now - self.window_s,),
+            "DELETE FROM idempotency "
+            "WHERE created_at <= ? AND (state = 'done' OR lease_until <= ?)",
+            (now - self.window_s, now),
         )
         return cursor.rowcount

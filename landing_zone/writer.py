@@ -9,6 +9,7 @@ either no visible file or a complete one, never a partial one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -169,7 +170,9 @@ class LandingWriter:
                 exc.errno, f"cannot prepare landing directory for {source!r}: {exc.strerror}"
             ) from exc
         name = f"{batch_id}.parquet"
-        temp_path = temp_dir / name
+        # Unique per attempt: an idempotent takeover reuses the batch id, and a dead
+        # writer's temp file must not collide with (or be removed by) the new one.
+        temp_path = temp_dir / f"{batch_id}.{secrets.token_hex(4)}.parquet"
         final_path = final_dir / name
         # Serialise first: Polars wraps I/O errors in its own exception types, and a
         # disk-full error must reach the caller as the OSError it is.
@@ -198,6 +201,8 @@ class LandingWriter:
             temp_path.unlink(missing_ok=True)
             if renamed:  # not acknowledged, so not kept (best effort: it may not be durable)
                 final_path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    fsync_directory(final_dir)  # or a power loss could bring it back
             if not isinstance(exc, OSError) or isinstance(exc, LandingWriteError):
                 raise
             raise LandingWriteError(
@@ -209,8 +214,11 @@ class LandingWriter:
         if final_dir in self._ready_dirs:
             return
         with self._lock:
+            created_root = not final_dir.parent.exists()
             temp_dir.mkdir(parents=True, exist_ok=True)
             # The new directory entries must survive a crash too, or the file is unreachable.
             fsync_directory(final_dir)
             fsync_directory(final_dir.parent)
+            if created_root:  # landing/ itself is new: its entry in the data dir too
+                fsync_directory(final_dir.parent.parent)
             self._ready_dirs.add(final_dir)

@@ -292,3 +292,43 @@ def test_waiting_racer_takes_over_when_the_winner_fails(data_dir: Path) -> None:
     started = time.monotonic()
     assert store.reserve("t", "readings", "k", "s", 1).status == "reserved"
     assert time.monotonic() - started < 1
+
+
+def test_a_replay_is_not_charged_to_the_rate_limit(data_dir: Path, tokens: Tokens) -> None:
+    """A retry answers what was already paid for: no 429 for an acknowledged batch."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    settings = load_settings(data_dir=data_dir, rate_limit_rows_per_s=0.1, rate_limit_burst_s=30)
+    client = TestClient(create_app(settings))  # a bucket of 3 rows, refilled every 10 s
+    headers = {**NDJSON, "Authorization": f"Bearer {tokens.ingest_readings}"}
+    first = client.post(
+        "/v1/ingest/readings", content=body(1, 2, 3), headers={**headers, "Idempotency-Key": "k1"}
+    )
+    assert first.status_code == 202, first.text
+    for _ in range(3):
+        again = client.post(
+            "/v1/ingest/readings",
+            content=body(1, 2, 3),
+            headers={**headers, "Idempotency-Key": "k1"},
+        )
+        assert again.status_code == 202, again.text
+        assert again.json()["batch_id"] == first.json()["batch_id"]
+    # New data is charged: the bucket is empty now; the refused key stays free.
+    refused = client.post(
+        "/v1/ingest/readings", content=body(4), headers={**headers, "Idempotency-Key": "k2"}
+    )
+    assert refused.status_code == 429
+    assert len(landed(data_dir)) == 1
+
+
+def test_abandoned_reservations_expire_with_the_window(data_dir: Path) -> None:
+    clock = [1000.0]
+    store = _store(data_dir, window_s=60, clock=lambda: clock[0])
+    reserved = store.reserve("t", "readings", "k", "sha-1", 1)
+    assert reserved.status == "reserved"
+    _kill_owner(data_dir, "k")  # its writer died without writing
+    clock[0] += 61  # past the window (and the lease)
+    again = store.reserve("t", "readings", "k", "sha-2", 1)  # another body: the key is free
+    assert again.status == "reserved"
