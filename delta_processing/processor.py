@@ -297,16 +297,20 @@ class Processor:
         """
         self._lock.acquire()
         try:
-            report = self.run_cycle()
+            report = CycleReport()
             settle_s = self._settings.file_settle_ms / 1000
-            while self._layout.has_unsettled_files(settle_s):  # a copy may still be running
-                time.sleep(max(settle_s / 4, 0.05))
+            while True:
+                # Looked at *before* the cycle: a file that settles during a cycle it
+                # missed gets one more cycle.
+                waiting = self._layout.has_unsettled_files(settle_s)  # a copy may be running
                 more = self.run_cycle()
                 report.bronze += more.bronze
                 report.silver += more.silver
                 report.gold += more.gold
                 report.failures += more.failures
-            return report
+                if not waiting:
+                    return report
+                time.sleep(max(settle_s / 4, 0.05))
         finally:
             self._lock.release()
 
