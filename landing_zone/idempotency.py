@@ -39,7 +39,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -150,6 +151,18 @@ class IdempotencyStore:
         self._local.conn = conn
         return conn
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction: committed on exit, rolled back on error."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -163,10 +176,8 @@ class IdempotencyStore:
         self, principal: str, source: str, key: str, body_sha256: str, records: int
     ) -> Outcome:
         """Claim ``key`` for a write of ``records`` records, or learn who has it."""
-        conn = self._connect()
         now = self._clock()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             self._maybe_purge(conn, now)
             row = conn.execute(
                 "SELECT body_sha256, state, batch_id, records, created_at, owner, lease_until "
@@ -191,33 +202,24 @@ class IdempotencyStore:
                     (principal, source, key, body_sha256, batch_id, records, now, owner,
                      now + self.lease_s),
                 )  # fmt: skip
-                conn.execute("COMMIT")
                 return Outcome("reserved", batch_id, records, owner)
             sha, state, batch_id, stored_records, _, previous_owner, lease_until = row
             if sha != body_sha256:
-                conn.execute("COMMIT")
                 return Outcome("conflict", batch_id, int(stored_records))
             if state == "done":
-                conn.execute("COMMIT")
                 return Outcome("done", batch_id, int(stored_records))
             if lease_until > now and not _owner_is_dead(previous_owner):
-                conn.execute("COMMIT")
                 return Outcome("pending", batch_id, int(stored_records))
             # Stale: its writer died (or stalled past its lease). Did the write complete?
             if self._layout.batch_exists(source, batch_id):
                 self._set_done(conn, principal, source, key)
-                conn.execute("COMMIT")
                 return Outcome("done", batch_id, int(stored_records))
             conn.execute(
                 "UPDATE idempotency SET owner = ?, lease_until = ? "
                 "WHERE principal = ? AND source = ? AND key = ?",
                 (owner, now + self.lease_s, principal, source, key),
             )
-            conn.execute("COMMIT")
             return Outcome("reserved", batch_id, int(stored_records), owner)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def publish_guard(
         self, principal: str, source: str, key: str, owner: str
@@ -226,9 +228,7 @@ class IdempotencyStore:
         is ``owner``'s, and mark it ``done`` in the same transaction."""
 
         def guard(publish: Callable[[], None]) -> None:
-            conn = self._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction() as conn:
                 row = conn.execute(
                     "SELECT owner, state FROM idempotency "
                     "WHERE principal = ? AND source = ? AND key = ?",
@@ -238,10 +238,6 @@ class IdempotencyStore:
                     raise ReservationLost(f"idempotency key {key!r} was taken over")
                 publish()
                 self._set_done(conn, principal, source, key)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
         return guard
 
@@ -251,9 +247,7 @@ class IdempotencyStore:
         If the landing file exists after all (it was published, then the acknowledgement
         failed), the entry is completed instead: a retry must not land it twice.
         """
-        conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             row = conn.execute(
                 "SELECT owner, state, batch_id FROM idempotency "
                 "WHERE principal = ? AND source = ? AND key = ?",
@@ -267,21 +261,11 @@ class IdempotencyStore:
                         "DELETE FROM idempotency WHERE principal = ? AND source = ? AND key = ?",
                         (principal, source, key),
                     )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def purge_expired(self) -> int:
         """Delete completed entries older than the window; how many were deleted."""
-        conn = self._connect()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             deleted = self._purge(conn, self._clock())
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return deleted
 
     def entry(self, principal: str, source: str, key: str) -> dict[str, object] | None:
