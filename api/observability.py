@@ -19,6 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.metrics import ApiMetrics
 
 HEADER = "x-correlation-id"
+# Metric labels take only these; any other method a client sends counts as OTHER, so a
+# client cannot create new time series at will.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _VALID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 log = structlog.get_logger("api.access")
@@ -67,7 +70,8 @@ class ObservabilityMiddleware:
             finally:
                 elapsed = time.perf_counter() - started
                 route = getattr(scope.get("route"), "path", "<unmatched>")
-                self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+                method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+                self.metrics.requests.labels(method, route, str(status)).inc()
                 self.metrics.latency.labels(route).observe(elapsed)
                 client = scope.get("client")
                 log.info(

@@ -438,3 +438,15 @@ def test_results_a_format_cannot_hold_are_a_clear_422(filled: TestClient, tokens
         error = answer.json()["error"]
         assert error["code"] == "unencodable_result" and "ask for JSON" in error["message"]
         assert post(sql, "json").status_code == 200
+
+
+def test_unknown_methods_do_not_make_new_metric_series(settings: Settings) -> None:
+    client = TestClient(create_app(settings))
+    for method in ("PROPFIND", "QUERY", "BREW"):
+        client.request(method, "/v1/tables")
+    text = client.get("/metrics").text
+    assert "PROPFIND" not in text and "BREW" not in text
+    other = _metric(
+        text, "lakehouse_http_requests_total", method="OTHER", route="/v1/tables", status="405"
+    )
+    assert other == 3
