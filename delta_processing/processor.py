@@ -177,7 +177,8 @@ class Processor:
         batch = self._bronze.ingest_next(source)
         if batch is not None:
             report.bronze.append(batch)
-            _observe_stage(metrics, "bronze", source, started, batch.rows)
+            if batch.files:  # a batch of only unreadable files commits nothing
+                _observe_stage(metrics, "bronze", source, started, batch.rows)
             if batch.quarantined_files:
                 metrics.quarantined_files.labels(source).inc(batch.quarantined_files)
         contract = self._contracts.get(source)
