@@ -20,12 +20,10 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, wait_listening
 
 ACCOUNT = "devstoreaccount1"
 # The emulator's well-known, public account key (documented by Microsoft).
@@ -96,19 +94,7 @@ class Azurite:
             self._proc = subprocess.Popen(
                 command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"azurite exited early:\n{self.log_text()}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"azurite did not listen on {self.port}:\n{self.log_text()}"
-                    ) from None
-                time.sleep(0.1)
+        wait_listening(self._proc, "azurite", self.host, [self.port], self.log_text, timeout)
 
     def stop(self) -> None:
         """Stop Azurite (SIGTERM to its process group; node may run it in a child)."""

@@ -41,6 +41,32 @@ def wait_until(probe: Callable[[], T | None], timeout: float = 30.0, every: floa
     raise AssertionError(f"condition not met within {timeout}s (last probe: {last!r})")
 
 
+def wait_listening(
+    proc: subprocess.Popen[bytes],
+    name: str,
+    host: str,
+    ports: list[int],
+    output: Callable[[], str],
+    timeout: float = 15.0,
+) -> None:
+    """Wait until ``proc`` accepts TCP connections on every one of ``ports``.
+
+    Fails with ``output()`` (the server's log) if it exits or does not listen in time.
+    """
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early:\n{output()}")
+            try:
+                with socket.create_connection((host, port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not listen on {port}:\n{output()}") from None
+                time.sleep(0.05)
+
+
 def lakehouse_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
     env.update({"LAKEHOUSE_DATA_DIR": str(data_dir), "LAKEHOUSE_LOG_LEVEL": "WARNING"})

@@ -24,9 +24,7 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_listening
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
@@ -237,20 +235,8 @@ password_file {password_file}
             [MOSQUITTO, "-c", str(self.conf)], stdout=handle, stderr=subprocess.STDOUT
         )
         handle.close()
-        deadline = time.monotonic() + 15
-        for port in (self.port, self.tls_port, self.password_port):
-            while True:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited early:\n{self.log.read_text()}")
-                try:
-                    with socket.create_connection((self.host, port), timeout=0.5):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"mosquitto did not listen on {port}:\n{self.log.read_text()}"
-                        ) from None
-                    time.sleep(0.05)
+        ports = [self.port, self.tls_port, self.password_port]
+        wait_listening(self._proc, "mosquitto", self.host, ports, self.log.read_text)
 
     def stop(self) -> None:
         """SIGTERM: mosquitto saves its persistence database on a clean exit."""

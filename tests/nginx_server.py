@@ -14,13 +14,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, wait_listening
 from tests.mqtt_broker import TlsFiles, generate_tls_files
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -147,20 +145,8 @@ class NginxServer:
             self._command("-g", "daemon off;"), stdout=handle, stderr=subprocess.STDOUT
         )
         handle.close()
-        deadline = time.monotonic() + 15
-        for port in (self.http_port, self.https_port):
-            while True:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"nginx exited early:\n{self.log_text()}")
-                try:
-                    with socket.create_connection((self.host, port), timeout=0.5):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"nginx did not listen on {port}:\n{self.log_text()}"
-                        ) from None
-                    time.sleep(0.05)
+        ports = [self.http_port, self.https_port]
+        wait_listening(self._proc, "nginx", self.host, ports, self.log_text)
 
     def stop(self) -> None:
         proc = self._proc
