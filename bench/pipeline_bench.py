@@ -36,15 +36,13 @@ import platform
 import resource
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -53,6 +51,7 @@ from typing import Any, TypeVar
 
 import httpx
 import polars as pl
+from common import fmt, free_port, log, percentile, sigterm_as_exit
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -132,16 +131,6 @@ class Figure:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -389,11 +378,6 @@ def post_load(
     if failures:
         raise RuntimeError("; ".join(failures) + f"\n{server.tail()}")
     return LoadRun(requests, seconds, [ms for worker_ms in latencies for ms in worker_ms])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def bench_api(plan: Plan, workdir: Path) -> list[Figure]:
@@ -1001,14 +985,6 @@ def bench_queries(plan: Plan, data_dir: Path, workdir: Path) -> list[Figure]:
 # ---------------------------------------------------------------------------- report
 
 
-def fmt(value: float) -> str:
-    if value >= 100:
-        return f"{value:,.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
 def render(figures: list[Figure], info: dict[str, Any], plan: Plan) -> None:
     from rich import box
     from rich.console import Console
@@ -1120,20 +1096,6 @@ def render(figures: list[Figure], info: dict[str, Any], plan: Plan) -> None:
 
 
 # ---------------------------------------------------------------------------- main
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so every ``finally`` (servers, temp dirs) runs."""
-
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
