@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -109,6 +110,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def running_api(data_dir: Path, log: Path, **env: str) -> Iterator[str]:
+    """A real `lakehouse api` on a free loopback port; yields its base URL, stops it after."""
+    port = free_port()
+    proc = start_lakehouse(
+        ["api", "--host", "127.0.0.1", "--port", str(port)], data_dir, log, **env
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, log)
+        yield base
+    finally:
+        stop(proc)
 
 
 def reference_gold(silver: pl.DataFrame) -> dict[str, pl.DataFrame]:

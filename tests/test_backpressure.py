@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from config.contracts import load_contracts
 from config.settings import load_settings
 from delta_processing.processor import Processor
 from tests.conftest import Tokens
-from tests.helpers import free_port, start_lakehouse, stop, wait_healthy
+from tests.helpers import running_api
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -37,20 +36,6 @@ def reading(i: int, payload: str = "") -> bytes:
     if payload:
         row["blob"] = payload
     return json.dumps(row).encode() + b"\n"
-
-
-@contextmanager
-def api(data_dir: Path, log: Path, **env: str) -> Iterator[str]:
-    port = free_port()
-    proc = start_lakehouse(
-        ["api", "--host", "127.0.0.1", "--port", str(port)], data_dir, log, **env
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, log)
-        yield base
-    finally:
-        stop(proc)
 
 
 def visible(directory: Path) -> list[str]:
@@ -71,7 +56,7 @@ def test_backlog_over_its_bound_is_503_until_the_processor_catches_up(
     env = {"LAKEHOUSE_MAX_BACKLOG_FILES": "3", "LAKEHOUSE_GROUP_COMMIT_MS": "0"}
     landing = data_dir / "landing" / "readings"
     with (
-        api(data_dir, tmp_path / "api.log", **env) as base,
+        running_api(data_dir, tmp_path / "api.log", **env) as base,
         httpx.Client(base_url=base, headers={"Authorization": f"Bearer {tokens.admin}"}) as http,
     ):
         accepted = []
@@ -103,7 +88,7 @@ def test_backlog_bytes_and_free_disk_bounds_are_503(
     data_dir: Path, tokens: Tokens, tmp_path: Path
 ) -> None:
     headers = {**NDJSON, "Authorization": f"Bearer {tokens.admin}"}
-    with api(data_dir, tmp_path / "a.log", LAKEHOUSE_MAX_BACKLOG_BYTES="1") as base:
+    with running_api(data_dir, tmp_path / "a.log", LAKEHOUSE_MAX_BACKLOG_BYTES="1") as base:
         assert httpx.post(f"{base}/v1/ingest/readings", content=reading(1), headers=headers)
         time.sleep(0.7)
         refused = httpx.post(f"{base}/v1/ingest/readings", content=reading(2), headers=headers)
@@ -111,7 +96,7 @@ def test_backlog_bytes_and_free_disk_bounds_are_503(
         assert "LAKEHOUSE_MAX_BACKLOG_BYTES" in refused.json()["error"]["message"]
     assert len(visible(data_dir / "landing" / "readings")) == 1
     huge = str(1024**3)  # a petabyte free: never true here
-    with api(data_dir, tmp_path / "b.log", LAKEHOUSE_MIN_FREE_DISK_MB=huge) as base:
+    with running_api(data_dir, tmp_path / "b.log", LAKEHOUSE_MIN_FREE_DISK_MB=huge) as base:
         refused = httpx.post(f"{base}/v1/ingest/readings", content=reading(3), headers=headers)
         assert_refused(refused, "disk_full")
         assert refused.headers["retry-after"] == "30"
@@ -146,7 +131,7 @@ def test_a_full_landing_disk_is_507_with_nothing_partial_and_every_ack_intact(
     grouped: list[tuple[str, int, int]] = []  # (batch id, first record, id) of small ones
     statuses: list[int] = []
     lock = threading.Lock()
-    with api(data_dir, tmp_path / "api.log", **env) as base:
+    with running_api(data_dir, tmp_path / "api.log", **env) as base:
         headers = {**NDJSON, "Authorization": f"Bearer {tokens.admin}"}
         # Large batches (own files) of incompressible data until the disk is full.
         for n in range(30):

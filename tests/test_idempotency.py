@@ -13,8 +13,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from landing_zone.idempotency import IdempotencyStore, ReservationLost
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
 from tests.conftest import Tokens
-from tests.helpers import free_port, start_lakehouse, stop, wait_healthy
+from tests.helpers import running_api
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -42,20 +40,6 @@ def body(*ids: int) -> bytes:
         + b"\n"
         for i in ids
     )
-
-
-@contextmanager
-def api(data_dir: Path, log: Path, **env: str) -> Iterator[str]:
-    port = free_port()
-    proc = start_lakehouse(
-        ["api", "--host", "127.0.0.1", "--port", str(port)], data_dir, log, **env
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, log)
-        yield base
-    finally:
-        stop(proc)
 
 
 def landed(data_dir: Path, source: str = "readings") -> list[str]:
@@ -76,7 +60,7 @@ def test_retry_returns_the_first_answer_also_after_a_restart(
     data_dir: Path, tokens: Tokens, tmp_path: Path
 ) -> None:
     log = tmp_path / "api.log"
-    with api(data_dir, log) as base:
+    with running_api(data_dir, log) as base:
         first = post(base, tokens.ingest_readings, body(1, 2, 3), "order-1")
         assert first.status_code == 202, first.text
         answer = first.json()
@@ -86,7 +70,7 @@ def test_retry_returns_the_first_answer_also_after_a_restart(
         assert again.status_code == 202 and again.json() == answer
         assert again.headers["idempotent-replayed"] == "true"
         assert landed(data_dir) == [f"{answer['batch_id']}.parquet"]
-    with api(data_dir, log) as base:  # a new server process: the key is remembered on disk
+    with running_api(data_dir, log) as base:  # a new server process: the key is remembered on disk
         retry = post(base, tokens.ingest_readings, body(1, 2, 3), "order-1")
         assert retry.status_code == 202 and retry.json() == answer
         assert retry.headers["idempotent-replayed"] == "true"
@@ -108,7 +92,7 @@ def test_retry_returns_the_first_answer_also_after_a_restart(
 def test_invalid_keys_are_400_and_land_nothing(
     data_dir: Path, tokens: Tokens, tmp_path: Path
 ) -> None:
-    with api(data_dir, tmp_path / "api.log") as base:
+    with running_api(data_dir, tmp_path / "api.log") as base:
         headers = {**NDJSON, "Authorization": f"Bearer {tokens.ingest_readings}"}
         cases: list[Any] = ["", "k" * 256, "caf\xe9".encode("latin-1"), "tab\there"]
         for value in cases:
@@ -130,7 +114,7 @@ def test_racing_retries_land_one_batch_and_share_its_answer(
     data_dir: Path, tokens: Tokens, tmp_path: Path
 ) -> None:
     racers = 12
-    with api(data_dir, tmp_path / "api.log") as base:
+    with running_api(data_dir, tmp_path / "api.log") as base:
         for round_ in range(5):
             barrier = threading.Barrier(racers)
             answers: list[httpx.Response] = []
@@ -207,7 +191,7 @@ def test_a_dead_writers_reservation_is_completed_or_taken_over(
     _kill_owner(data_dir, "crashed-after-rename")
     _kill_owner(data_dir, "crashed-before-rename")
     store.close()
-    with api(data_dir, tmp_path / "api.log") as base:
+    with running_api(data_dir, tmp_path / "api.log") as base:
         done = post(base, tokens.ingest_readings, body(1), "crashed-after-rename")
         assert done.status_code == 202 and done.json()["batch_id"] == published.batch_id
         assert done.headers["idempotent-replayed"] == "true"
@@ -268,10 +252,10 @@ def test_keyless_source_gets_each_record_once_in_bronze(
     env = {"LAKEHOUSE_AUTO_CREATE_SOURCES": "true"}
     sent = [json.dumps({"event": f"e{i}", "n": i}).encode() + b"\n" for i in range(6)]
     log = tmp_path / "api.log"
-    with api(data_dir, log, **env) as base:
+    with running_api(data_dir, log, **env) as base:
         for i, data in enumerate(sent):
             assert post(base, tokens.ingest_all, data, f"evt-{i}", "events").status_code == 202
-    with api(data_dir, log, **env) as base:  # every request retried after a restart, twice
+    with running_api(data_dir, log, **env) as base:  # every request retried after a restart, twice
         for _ in range(2):
             for i, data in enumerate(sent):
                 retry = post(base, tokens.ingest_all, data, f"evt-{i}", "events")
