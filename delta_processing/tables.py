@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import polars as pl
 import pyarrow as pa
@@ -369,6 +369,9 @@ def read_snapshot(table: DeltaTable) -> pl.LazyFrame:
     with a space in its name); such tables are scanned through deltalake's Arrow
     dataset instead.
     """
-    if local_root(table) is not None and "%" in table.table_uri + "".join(table.file_uris()[:1]):
+    root = local_root(table)
+    # Derived from the root alone: listing the files to look for escapes costs a pass
+    # over the whole snapshot on every gold refresh.
+    if root is not None and quote(str(root)) != str(root):
         return pl.scan_pyarrow_dataset(table.to_pyarrow_dataset())
     return pl.scan_delta(table)
