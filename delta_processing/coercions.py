@@ -57,24 +57,31 @@ _NAIVE_FORMATS = (
 _NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
-def parse_timestamp(raw: pl.Expr) -> pl.Expr:
-    """ISO-8601 (with or without offset; ``Z`` allowed) or epoch milliseconds, to UTC."""
+def timestamp_candidates(raw: pl.Expr) -> list[pl.Expr]:
+    """The accepted timestamp spellings, in order of preference, each as a parse of ``raw``."""
     text = raw.str.strip_chars()
     zoned = text.str.replace(r"[zZ]$", "+00:00")
-    candidates = [
-        zoned.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-        for fmt in _ZONED_FORMATS
-    ] + [
-        text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-        for fmt in _NAIVE_FORMATS
-    ]
     epoch_ms = (
         pl.when(text.str.contains(_NUMBER))
         .then((text.cast(pl.Float64, strict=False) * 1000).round(0).cast(pl.Int64, strict=False))
         .otherwise(None)
     )
-    epoch = epoch_ms.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    return pl.coalesce([*candidates, epoch])
+    return (
+        [
+            zoned.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+            for fmt in _ZONED_FORMATS
+        ]
+        + [
+            text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+            for fmt in _NAIVE_FORMATS
+        ]
+        + [epoch_ms.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")]
+    )
+
+
+def parse_timestamp(raw: pl.Expr) -> pl.Expr:
+    """ISO-8601 (with or without offset; ``Z`` allowed) or epoch milliseconds, to UTC."""
+    return pl.coalesce(timestamp_candidates(raw))
 
 
 def parse_float(raw: pl.Expr) -> pl.Expr:
@@ -103,10 +110,18 @@ def parse_bool(raw: pl.Expr) -> pl.Expr:
     )
 
 
+def date_candidates(raw: pl.Expr) -> list[pl.Expr]:
+    """``YYYY-MM-DD`` first, then the UTC date of each accepted timestamp spelling."""
+    text = raw.str.strip_chars()
+    return [
+        text.str.to_date("%Y-%m-%d", strict=False),
+        *(candidate.dt.date() for candidate in timestamp_candidates(raw)),
+    ]
+
+
 def parse_date(raw: pl.Expr) -> pl.Expr:
     """``YYYY-MM-DD``, or the UTC date of any accepted timestamp."""
-    text = raw.str.strip_chars()
-    return pl.coalesce([text.str.to_date("%Y-%m-%d", strict=False), parse_timestamp(raw).dt.date()])
+    return pl.coalesce(date_candidates(raw))
 
 
 def parse_decimal(raw: pl.Expr, precision: int, scale: int) -> pl.Expr:
@@ -163,12 +178,56 @@ def raw_column(name: str, columns: list[str]) -> pl.Expr:
     return pl.col(found) if found is not None else pl.lit(None, dtype=pl.String)
 
 
-def typed_columns(contract: SourceContract, columns: list[str]) -> list[pl.Expr]:
-    """One expression per contract field: the field converted to its declared type."""
-    return [
-        _parse(spec, raw_column(spec.name, columns)).cast(silver_dtype(spec)).alias(spec.name)
+# Types whose parse tries several spellings: see first_parse.
+_CANDIDATES: dict[FieldType, Callable[[pl.Expr], list[pl.Expr]]] = {
+    "timestamp": timestamp_candidates,
+    "date": date_candidates,
+}
+
+
+def with_typed_columns(rows: pl.DataFrame, contract: SourceContract, suffix: str) -> pl.DataFrame:
+    """``rows`` plus each contract field converted to its type, named ``<field><suffix>``.
+
+    The same values as :func:`typed_columns`; fields with several accepted spellings are
+    parsed by :func:`first_parse`, which reads a batch of one spelling in one pass.
+    """
+    columns = rows.columns
+    present = {c.lower() for c in columns}
+    cascaded = [s for s in contract.fields if s.type in _CANDIDATES and s.name.lower() in present]
+    out = rows.with_columns(
+        _parse(spec, raw_column(spec.name, columns))
+        .cast(silver_dtype(spec))
+        .alias(f"{spec.name}{suffix}")
         for spec in contract.fields
-    ]
+        if spec not in cascaded
+    )
+    for spec in cascaded:
+        raw = rows.select(raw_column(spec.name, columns).alias(spec.name))
+        candidates = _CANDIDATES[spec.type](pl.col(spec.name))
+        parsed = first_parse(raw, candidates, silver_dtype(spec))
+        out = out.with_columns(parsed.alias(f"{spec.name}{suffix}"))
+    return out
+
+
+def first_parse(raw: pl.DataFrame, candidates: list[pl.Expr], dtype: pl.DataType) -> pl.Series:
+    """Per row, the first candidate parse that is not null: ``pl.coalesce(candidates)``.
+
+    ``pl.coalesce`` evaluates every candidate on every row (seven passes for a
+    timestamp); here each candidate only sees the rows all earlier ones left null, so a
+    batch whose values share one spelling costs one pass. ``raw`` holds the one column
+    the candidates read.
+    """
+    result = raw.select(candidates[0].cast(dtype)).to_series()
+    present = raw.to_series().is_not_null()
+    for candidate in candidates[1:]:
+        pending = (result.is_null() & present).arg_true()
+        if pending.is_empty():
+            break
+        parsed = raw[pending].select(candidate.cast(dtype)).to_series()
+        hit = parsed.is_not_null()
+        if hit.any():
+            result = result.scatter(pending.filter(hit), parsed.filter(hit))
+    return result
 
 
 def violation_reasons(contract: SourceContract, columns: list[str]) -> pl.Expr:
@@ -213,8 +272,7 @@ def apply_contract(
     columns = bronze_rows.columns
     platform = [c for c in columns if c.lower() in PLATFORM_COLUMNS]
     raw_fields = [c for c in columns if c not in platform]
-    typed_exprs = [e.name.suffix(TYPED) for e in typed_columns(contract, columns)]
-    checked = bronze_rows.with_columns(typed_exprs).with_columns(
+    checked = with_typed_columns(bronze_rows, contract, TYPED).with_columns(
         violation_reasons(contract, columns)
     )
     ok = pl.col(REASON_COLUMN).is_null()

@@ -83,6 +83,9 @@ def _aggregate(name: str, value: pl.Expr, order: list[str]) -> pl.Expr:
     if name == "count":
         return pl.len()
     if name in ("first", "last"):
+        if len(order) == 1:  # one row per instant in a group: no sort needed
+            position = pl.col(order[0]).arg_min() if name == "first" else pl.col(order[0]).arg_max()
+            return value.get(position)
         ordered = value.sort_by(order)  # by event time, ties by key: deterministic
         return ordered.first() if name == "first" else ordered.last()
     if name.startswith("p") and name[1:].isdigit():
@@ -94,6 +97,11 @@ def _aggregate(name: str, value: pl.Expr, order: list[str]) -> pl.Expr:
         "sum": value.sum(),
         "stddev": value.std(),
     }[name]
+
+
+def instant_is_unique(group_by: list[str], contract: SourceContract) -> bool:
+    """Whether a group holds at most one silver row per event time (keys within it)."""
+    return set(contract.keys) <= {*group_by, contract.event_time}
 
 
 def latest_schema(spec: LatestGold, contract: SourceContract) -> pl.Schema:
@@ -113,7 +121,8 @@ def window_aggregates(
 ) -> pl.DataFrame:
     """Full aggregation of silver rows into windows (pure; the reference for gold)."""
     event_time = contract.event_time
-    order = [event_time, *[k for k in contract.keys if k != event_time]]
+    # Group columns are constant within a group: they cannot order its rows.
+    order = [event_time, *[k for k in contract.keys if k not in (event_time, *spec.group_by)]]
     value = pl.col(spec.value)
     return (
         rows.group_by(
@@ -128,14 +137,43 @@ def window_aggregates(
 def latest_values(
     rows: pl.DataFrame, spec: LatestGold, event_time: str, schema: pl.Schema
 ) -> pl.DataFrame:
-    """The row with the greatest event time per group (pure; the reference for gold)."""
+    """The row with the greatest event time per group (pure; the reference for gold).
+
+    Rows sharing that instant (possible only when the keys reach beyond the group and
+    the event time) resolve to the greatest value, so the result is deterministic.
+    """
+    newest = pl.col(event_time) == pl.col(event_time).max().over(spec.group_by)
     return (
-        rows.sort([event_time, *[c for c in rows.columns if c not in (event_time, spec.value)]])
-        .group_by(spec.group_by, maintain_order=True)
-        .last()
+        rows.filter(newest)
+        .group_by(spec.group_by)
+        .agg(pl.col(event_time).first(), pl.col(spec.value).max())
         .select([pl.col(n).cast(t) for n, t in schema.items()])
         .sort(spec.group_by)
     )
+
+
+def latest_moves(
+    stored: pl.DataFrame, changed: pl.DataFrame, spec: LatestGold, event_time: str
+) -> pl.DataFrame:
+    """The groups whose latest row ``changed`` replaces, with that row (pure).
+
+    ``stored`` is the latest table's row of each group ``changed`` touches;
+    ``changed`` holds silver's inserted and updated rows, the newest version of each
+    key (silver updates keep the key, so a change at the stored instant is the newer
+    version of the stored row). Valid when :func:`instant_is_unique` holds and no
+    silver row of these groups was deleted.
+    """
+    newest = changed.filter(
+        pl.col(event_time) == pl.col(event_time).max().over(spec.group_by)
+    ).select([*spec.group_by, event_time, spec.value])
+    at = f"{event_time}\x01stored"
+    compared = newest.join(
+        stored.select([*spec.group_by, pl.col(event_time).alias(at)]),
+        on=spec.group_by,
+        how="left",
+        nulls_equal=True,
+    )
+    return compared.filter(pl.col(at).is_null() | (pl.col(event_time) >= pl.col(at))).drop(at)
 
 
 def run_gold_sql(rows: pl.DataFrame, spec: SqlGold) -> pl.DataFrame:
@@ -203,6 +241,7 @@ class GoldRefresher:
             return []
         silver_version = silver.version()
         results = []
+        changes_since: dict[int | None, pl.DataFrame] = {}  # gold tables usually agree
         for spec in contract.gold:
             done = consumed_version(self._store.open("gold", spec.name), GOLD_APP_ID)
             if done is not None and done >= silver_version:
@@ -218,7 +257,10 @@ class GoldRefresher:
                 results.append(rebuild_gold(self._store, contract, spec, silver))
                 self._crash.reached("after_gold_commit")
                 continue
-            changes = _silver_changes(silver, done, marks.get(RETENTION_MARK, set()))
+            if done not in changes_since:
+                expired = marks.get(RETENTION_MARK, set())
+                changes_since[done] = _silver_changes(silver, done, expired)
+            changes = changes_since[done]
             if isinstance(spec, SqlGold):
                 results.append(self._refresh_sql(contract, spec, silver, changes))
             else:
@@ -335,8 +377,50 @@ class GoldRefresher:
         changes: pl.DataFrame,
         schema: pl.Schema,
     ) -> pl.DataFrame:
-        """Groups whose latest row may have changed, recomputed from silver."""
-        touched = changes.select(spec.group_by).unique()
+        """Groups whose latest row may have changed, with their new latest row.
+
+        When a group holds one row per instant, the new latest row is the newer of the
+        stored one and the changed ones: only deleted groups are recomputed from silver.
+        Otherwise every touched group is.
+        """
+        group_by = list(spec.group_by)
+        touched = changes.select(group_by).unique()
+        if touched.is_empty() or not instant_is_unique(group_by, contract):
+            return self._latest_recomputed(contract, spec, silver, touched, schema)
+        change_type = pl.col("_change_type")
+        deleted = changes.filter(change_type == "delete").select(group_by).unique()
+        live = changes.filter(change_type.is_in(["insert", "update_postimage"])).select(
+            list(dict.fromkeys([*group_by, *contract.keys, contract.event_time, spec.value]))
+            + (["_commit_version"] if "_commit_version" in changes.columns else [])
+        )
+        if "_commit_version" in live.columns:  # a key changed twice: its later version
+            live = live.sort("_commit_version").unique(subset=contract.keys, keep="last")
+        live = live.join(deleted, on=group_by, how="anti", nulls_equal=True)
+        gold = self._store.open("gold", spec.name)
+        stored = (
+            read_snapshot(gold)
+            .join(live.select(group_by).unique().lazy(), on=group_by, how="semi", nulls_equal=True)
+            .collect()
+            if gold is not None
+            else pl.DataFrame(schema=schema)
+        )
+        moved = latest_moves(stored, live, spec, contract.event_time).select(
+            [pl.col(n).cast(t) for n, t in schema.items()] + [pl.lit(True).alias(PRESENT)]
+        )
+        if deleted.is_empty():
+            return moved
+        recomputed = self._latest_recomputed(contract, spec, silver, deleted, schema)
+        return pl.concat([moved, recomputed])
+
+    def _latest_recomputed(
+        self,
+        contract: SourceContract,
+        spec: LatestGold,
+        silver: DeltaTable,
+        touched: pl.DataFrame,
+        schema: pl.Schema,
+    ) -> pl.DataFrame:
+        """The latest row of each ``touched`` group, recomputed from silver."""
         if touched.is_empty():
             return pl.DataFrame(schema=schema).with_columns(pl.lit(True).alias(PRESENT))
         rows = (

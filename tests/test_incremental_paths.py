@@ -1,0 +1,211 @@
+"""The shortcuts of the hot path give the same tables as the general path they skip.
+
+- Typing: :func:`first_parse` (one candidate spelling at a time) equals ``pl.coalesce``.
+- Silver: a batch of new keys is appended, a batch touching stored keys is merged.
+- Gold latest: the newer of the stored and the changed rows, recomputing only groups
+  that lost rows, or every touched group when a group may hold two rows per instant.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+from deltalake import DeltaTable
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from config.contracts import load_contracts
+from config.settings import Settings
+from delta_processing.coercions import (
+    date_candidates,
+    first_parse,
+    parse_date,
+    parse_timestamp,
+    timestamp_candidates,
+)
+from delta_processing.gold import gold_frame, latest_schema, latest_values
+from delta_processing.processor import Processor
+from tests.helpers import land_records
+
+SPELLINGS = [
+    "2026-11-20T00:00:00Z",
+    "2026-11-20 01:02:03.5+02:00",
+    "2026-11-20T01:02",
+    "2026-11-20T05:06+0100",
+    "2026-11-20T01:02:03.123456",
+    "  2026-11-20T00:00:00+01:00 ",
+    "2026-11-20",
+    "1700000000000",
+    "1.5e12",
+    "-5",
+    "NaN",
+    "junk",
+    "",
+]
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.sampled_from(SPELLINGS), st.text(max_size=12))))
+def test_first_parse_equals_coalescing_every_spelling(values: list[str | None]) -> None:
+    raw = pl.DataFrame({"v": values}, schema={"v": pl.String})
+    utc = pl.Datetime("us", "UTC")
+    expected = raw.select(parse_timestamp(pl.col("v")).cast(utc)).to_series()
+    assert first_parse(raw, timestamp_candidates(pl.col("v")), utc).equals(expected)
+    expected_dates = raw.select(parse_date(pl.col("v"))).to_series()
+    assert first_parse(raw, date_candidates(pl.col("v")), pl.Date()).equals(expected_dates)
+
+
+def _reading(minute: int, value: float, device: str = "d1") -> dict[str, object]:
+    ts = datetime(2026, 11, 20, tzinfo=UTC) + timedelta(minutes=minute)
+    return {"ts": ts.isoformat(), "device_id": device, "sensor": "t", "value": value}
+
+
+def _operations(path: Path) -> list[str]:
+    history = DeltaTable(str(path)).history()
+    return [str(entry["operation"]) for entry in sorted(history, key=lambda e: e["version"])]
+
+
+def test_new_keys_are_appended_and_stored_keys_merged(settings: Settings) -> None:
+    processor = Processor(settings, load_contracts())
+    land_records(settings.data_dir, "readings", [_reading(1, 1.0), _reading(2, 2.0)])
+    processor.run_once()
+    land_records(settings.data_dir, "readings", [_reading(3, 3.0)])
+    processor.run_once()
+    land_records(settings.data_dir, "readings", [_reading(2, 20.0), _reading(4, 4.0)])
+    processor.run_once()
+
+    silver_path = settings.data_dir / "silver" / "readings"
+    operations = _operations(silver_path)
+    assert operations[-3:] == ["WRITE", "WRITE", "MERGE"]
+    silver = pl.read_delta(str(silver_path)).sort("ts")
+    assert silver["value"].to_list() == [1.0, 20.0, 3.0, 4.0]  # the re-sent key replaced
+
+
+def _latest(settings: Settings, name: str = "readings_latest") -> pl.DataFrame:
+    return pl.read_delta(str(settings.data_dir / "gold" / name))
+
+
+def test_latest_value_of_a_group_that_lost_rows_is_recomputed(settings: Settings) -> None:
+    processor = Processor(settings, load_contracts())
+    land_records(
+        settings.data_dir,
+        "readings",
+        [_reading(1, 1.0), _reading(5, 5.0), _reading(2, 2.0, device="d2")],
+    )
+    processor.run_once()
+    # An operator deletes the newest reading of d1 (not retention: gold must follow).
+    DeltaTable(str(settings.data_dir / "silver" / "readings")).delete("value = 5.0")
+    land_records(settings.data_dir, "readings", [_reading(3, 3.0, device="d2")])
+    processor.run_once()
+
+    latest = _latest(settings).sort("device_id")
+    assert latest.select("device_id", "value").rows() == [("d1", 1.0), ("d2", 3.0)]
+
+
+def test_latest_value_equals_recomputation_over_random_late_and_corrected_rows(
+    settings: Settings,
+) -> None:
+    rng = random.Random(7)
+    processor = Processor(settings, load_contracts())
+    contract = load_contracts()["readings"]
+    spec = next(s for s in contract.gold if s.name == "readings_latest")
+    for _step in range(6):
+        rows = [
+            _reading(rng.randint(0, 600), rng.uniform(0, 9), device=f"d{rng.randint(0, 4)}")
+            for _ in range(rng.randint(1, 30))
+        ]
+        land_records(settings.data_dir, "readings", rows)
+        assert processor.run_once().failures == []
+        silver = pl.read_delta(str(settings.data_dir / "silver" / "readings"))
+        expected = gold_frame(silver, spec, contract)
+        assert_frame_equal(_latest(settings).sort("device_id", "sensor"), expected)
+
+
+def test_latest_values_takes_the_newest_instant_then_the_greatest_value() -> None:
+    contract = load_contracts()["readings"]
+    spec = next(s for s in contract.gold if s.name == "readings_latest")
+    t0 = datetime(2026, 11, 20, tzinfo=UTC)
+    rows = pl.DataFrame(
+        {
+            "device_id": ["a", "a", "a", "b"],
+            "sensor": ["t", "t", "t", "t"],
+            "ts": [t0, t0 + timedelta(minutes=1), t0 + timedelta(minutes=1), t0],
+            "value": [9.0, 1.0, 2.0, 4.0],
+        }
+    )
+    out = latest_values(rows, spec, "ts", latest_schema(spec, contract))
+    assert out.select("device_id", "value").rows() == [("a", 2.0), ("b", 4.0)]
+
+
+WIDE_KEYS = """
+name = "meters"
+keys = ["meter", "channel", "at"]
+event_time = "at"
+
+[[fields]]
+name = "meter"
+type = "string"
+
+[[fields]]
+name = "channel"
+type = "string"
+
+[[fields]]
+name = "at"
+type = "timestamp"
+
+[[fields]]
+name = "v"
+type = "float"
+required = true
+
+[[gold]]
+name = "meters_latest"
+kind = "latest"
+group_by = ["meter"]
+value = "v"
+
+[[gold]]
+name = "meters_hourly"
+kind = "window"
+every = "1h"
+group_by = ["meter"]
+value = "v"
+aggregates = ["count", "first", "last", "avg"]
+"""
+
+
+def test_groups_with_several_rows_per_instant_equal_recomputation(
+    settings: Settings, tmp_path: Path
+) -> None:
+    directory = tmp_path / "contracts"
+    directory.mkdir()
+    (directory / "meters.toml").write_text(WIDE_KEYS)
+    contracts = load_contracts(directory)
+    processor = Processor(settings, contracts)
+    rng = random.Random(11)
+    t0 = datetime(2026, 11, 20, tzinfo=UTC)
+    for _step in range(5):
+        rows = [
+            {
+                "meter": f"m{rng.randint(0, 2)}",
+                "channel": rng.choice(["a", "b"]),
+                "at": (t0 + timedelta(minutes=rng.randint(0, 180))).isoformat(),
+                "v": rng.uniform(0, 9),
+            }
+            for _ in range(rng.randint(1, 25))
+        ]
+        land_records(settings.data_dir, "meters", rows)
+        assert processor.run_once().failures == []
+    silver = pl.read_delta(str(settings.data_dir / "silver" / "meters"))
+    assert silver.select("meter", "at").is_duplicated().any()  # the case under test
+    for spec in contracts["meters"].gold:
+        keys = ["meter", "window_start"] if spec.kind == "window" else ["meter"]
+        expected = gold_frame(silver, spec, contracts["meters"]).sort(keys)
+        gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
+        assert_frame_equal(gold, expected, check_exact=False)
