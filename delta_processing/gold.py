@@ -104,6 +104,54 @@ def instant_is_unique(group_by: list[str], contract: SourceContract) -> bool:
     return set(contract.keys) <= {*group_by, contract.event_time}
 
 
+# Aggregates a window's stored value and the new rows' value combine into the whole's.
+_COMBINING = ("count", "sum", "min", "max", "avg")
+
+
+def combinable(spec: WindowGold, contract: SourceContract) -> bool:
+    """Whether a window's aggregates can take in new rows without rereading its old ones.
+
+    ``avg`` needs ``count`` and ``sum`` beside it and a value that is never null (the
+    count is of rows, the mean of values).
+    """
+    aggregates = set(spec.aggregates)
+    if not aggregates <= set(_COMBINING):
+        return False
+    return "avg" not in aggregates or (
+        {"count", "sum"} <= aggregates and spec.value in contract.required_fields
+    )
+
+
+def combine_windows(
+    stored: pl.DataFrame,
+    fresh: pl.DataFrame,
+    spec: WindowGold,
+    keys: list[str],
+    schema: pl.Schema,
+) -> pl.DataFrame:
+    """Windows in both ``stored`` and ``fresh`` (the aggregates of only new rows), as one.
+
+    Pure; valid when :func:`combinable` holds and ``fresh`` holds rows new to silver.
+    """
+    old = "\x01stored"
+    joined = fresh.join(stored, on=keys, how="inner", suffix=old, nulls_equal=True)
+
+    def combined(name: str) -> pl.Expr:
+        new, before = pl.col(name), pl.col(f"{name}{old}")
+        if name in ("count", "sum"):
+            return new + before
+        if name == "min":
+            return pl.min_horizontal(new, before)
+        if name == "max":
+            return pl.max_horizontal(new, before)
+        total = pl.col("sum") + pl.col(f"sum{old}")
+        return total.cast(pl.Float64) / (pl.col("count") + pl.col(f"count{old}"))
+
+    return joined.select(
+        [pl.col(k) for k in keys] + [combined(name).alias(name) for name in spec.aggregates]
+    ).select([pl.col(n).cast(t) for n, t in schema.items()])
+
+
 def latest_schema(spec: LatestGold, contract: SourceContract) -> pl.Schema:
     """Columns of a latest-value table: group keys, event time, value."""
     dtypes = contract_dtypes(contract)
@@ -305,13 +353,64 @@ class GoldRefresher:
         changes: pl.DataFrame,
         schema: pl.Schema,
     ) -> pl.DataFrame:
-        """Touched windows, recomputed from silver; ``_present`` false where now empty."""
-        event_time = contract.event_time
-        touched = changes.select(
-            *spec.group_by, pl.col(event_time).dt.truncate(spec.every).alias("window_start")
-        ).unique()
+        """Touched windows with their new aggregates; ``_present`` false where now empty.
+
+        A window that only gained new rows needs no silver read: if gold has no row for
+        it, silver had none at the version gold records, so its rows are exactly the new
+        ones; if gold has one and the aggregates combine (:func:`combinable`), the stored
+        and the new aggregates are combined. Every other touched window (updated or
+        deleted rows, aggregates such as ``last`` or percentiles) is recomputed from silver.
+        """
+        keys = [*spec.group_by, "window_start"]
+        windowed = changes.with_columns(
+            pl.col(contract.event_time).dt.truncate(spec.every).alias("window_start")
+        )
+        touched = windowed.select(keys).unique()
         if touched.is_empty():
             return pl.DataFrame(schema=schema).with_columns(pl.lit(True).alias(PRESENT))
+        inserted = pl.col("_change_type") == "insert"
+        disturbed = windowed.filter(~inserted).select(keys).unique()
+        grown = windowed.filter(inserted).join(disturbed, on=keys, how="anti", nulls_equal=True)
+        fresh = window_aggregates(grown, spec, contract, schema)
+        stored = self._stored_windows(spec, fresh.select(keys), schema)
+        new_windows = fresh.join(stored, on=keys, how="anti", nulls_equal=True)
+        if combinable(spec, contract):
+            parts = [new_windows, combine_windows(stored, fresh, spec, keys, schema)]
+            recompute = disturbed
+        else:
+            parts = [new_windows]
+            recompute = pl.concat([disturbed, stored.select(keys)])
+        parts = [part.with_columns(pl.lit(True).alias(PRESENT)) for part in parts]
+        if not recompute.is_empty():
+            parts.append(self._windows_recomputed(contract, spec, silver, recompute, schema))
+        return pl.concat(parts)
+
+    def _stored_windows(
+        self, spec: WindowGold, windows: pl.DataFrame, schema: pl.Schema
+    ) -> pl.DataFrame:
+        """The rows gold holds for ``windows`` (group keys and ``window_start``)."""
+        gold = self._store.open("gold", spec.name)
+        if gold is None or windows.is_empty():
+            return pl.DataFrame(schema=schema)
+        low, high = windows["window_start"].min(), windows["window_start"].max()
+        return (
+            read_snapshot(gold)
+            .filter(pl.col("window_start").is_between(low, high))
+            .join(windows.lazy(), on=windows.columns, how="semi", nulls_equal=True)
+            .select([pl.col(n).cast(t) for n, t in schema.items()])
+            .collect()
+        )
+
+    def _windows_recomputed(
+        self,
+        contract: SourceContract,
+        spec: WindowGold,
+        silver: DeltaTable,
+        touched: pl.DataFrame,
+        schema: pl.Schema,
+    ) -> pl.DataFrame:
+        """The ``touched`` windows recomputed from silver; ``_present`` false if now empty."""
+        event_time = contract.event_time
         low = touched["window_start"].min()
         high = touched["window_start"].max() + parse_duration(spec.every)  # type: ignore[operator]
         rows = (

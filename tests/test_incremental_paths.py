@@ -209,3 +209,70 @@ def test_groups_with_several_rows_per_instant_equal_recomputation(
         expected = gold_frame(silver, spec, contracts["meters"]).sort(keys)
         gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
         assert_frame_equal(gold, expected, check_exact=False)
+
+
+NULLABLE_VALUE = """
+name = "meters"
+keys = ["meter", "at"]
+event_time = "at"
+
+[[fields]]
+name = "meter"
+type = "string"
+
+[[fields]]
+name = "at"
+type = "timestamp"
+
+[[fields]]
+name = "v"
+type = "float"
+
+[[gold]]
+name = "meters_hourly"
+kind = "window"
+every = "1h"
+group_by = ["meter"]
+value = "v"
+aggregates = ["count", "sum", "avg", "min", "max"]
+
+[[gold]]
+name = "meters_daily"
+kind = "window"
+every = "1d"
+group_by = ["meter"]
+value = "v"
+aggregates = ["count", "sum", "min", "max"]
+"""
+
+
+def test_windows_that_gain_rows_equal_recomputation_also_with_null_values(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Combined (count/sum/min/max) and recomputed (avg of a nullable value) windows."""
+    directory = tmp_path / "contracts"
+    directory.mkdir()
+    (directory / "meters.toml").write_text(NULLABLE_VALUE)
+    contracts = load_contracts(directory)
+    processor = Processor(settings, contracts)
+    rng = random.Random(5)
+    t0 = datetime(2026, 11, 20, tzinfo=UTC)
+    minutes = list(range(0, 60 * 30, 7))
+    rng.shuffle(minutes)
+    for step in range(6):
+        rows = [
+            {
+                "meter": f"m{rng.randint(0, 2)}",
+                "at": (t0 + timedelta(minutes=minute)).isoformat(),
+                "v": None if rng.random() < 0.2 else rng.uniform(-5, 9),
+            }
+            for minute in minutes[step * 40 : (step + 1) * 40]
+        ]
+        land_records(settings.data_dir, "meters", rows)
+        assert processor.run_once().failures == []
+        silver = pl.read_delta(str(settings.data_dir / "silver" / "meters"))
+        for spec in contracts["meters"].gold:
+            keys = ["meter", "window_start"]
+            expected = gold_frame(silver, spec, contracts["meters"]).sort(keys)
+            gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
+            assert_frame_equal(gold, expected, check_exact=False)
