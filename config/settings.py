@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Rows per bronze micro-batch (bounds the processor's memory: ~4 KiB/row).",
     )
+    gold_catch_up_ms: int = Field(
+        1000,
+        ge=0,
+        le=3_600_000,
+        description="While files wait beyond the current bronze micro-batch, refresh gold at "
+        "most this often (0: after every micro-batch); without a backlog, after every one.",
+    )
     trigger_latency_ms: int = Field(
         200, ge=0, le=60_000, description="Wait after a landing event to gather more files."
     )

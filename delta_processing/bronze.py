@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,6 +66,7 @@ class BronzeBatchResult:
     quarantined_files: int
     landed_at: tuple[datetime, ...] = ()  # per file read: when its writer made it durable
     correlation_ids: tuple[str, ...] = ()  # of the requests whose files this batch holds
+    backlog: bool = False  # files were left waiting beyond this micro-batch's bounds
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,8 @@ class BronzeIngestor:
 
     def ingest_next(self, source: str) -> BronzeBatchResult | None:
         """Claim and append the next micro-batch of ``source``; ``None`` when nothing waits."""
-        files = self._select(self._layout.pending_files(source, self._limits.settle_s))
+        pending = self._layout.pending_files(source, self._limits.settle_s)
+        files = self._select(pending)
         if not files:
             return None
         committed = consumed_version(self._table(source), BRONZE_APP_ID) or 0
@@ -136,7 +138,8 @@ class BronzeIngestor:
             os.rename(path, claim_dir / claimed_name(order, path.name))
         fsync_directory(claim_dir)
         self._crash.reached("after_claim")
-        return self._commit_or_give_up(source, seq, claim_dir)
+        result = self._commit_or_give_up(source, seq, claim_dir)
+        return replace(result, backlog=len(files) < len(pending))
 
     def _commit_or_give_up(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
         """Commit a claim; after repeated failures set its files aside so the source moves on.

@@ -99,6 +99,18 @@ def _aggregate(name: str, value: pl.Expr, order: list[str]) -> pl.Expr:
     }[name]
 
 
+def gold_inputs(contract: SourceContract) -> list[str]:
+    """The silver columns gold reads from the change feed: keys, event time, groups, values.
+
+    SQL gold tables only need the event time (to find the windows they recompute).
+    """
+    columns = [*contract.keys, contract.event_time]
+    for spec in contract.gold:
+        if isinstance(spec, WindowGold | LatestGold):
+            columns += [*spec.group_by, spec.value]
+    return list(dict.fromkeys(columns))
+
+
 def instant_is_unique(group_by: list[str], contract: SourceContract) -> bool:
     """Whether a group holds at most one silver row per event time (keys within it)."""
     return set(contract.keys) <= {*group_by, contract.event_time}
@@ -307,7 +319,8 @@ class GoldRefresher:
                 continue
             if done not in changes_since:
                 expired = marks.get(RETENTION_MARK, set())
-                changes_since[done] = _silver_changes(silver, done, expired)
+                columns = gold_inputs(contract)
+                changes_since[done] = _silver_changes(silver, done, expired, columns)
             changes = changes_since[done]
             if isinstance(spec, SqlGold):
                 results.append(self._refresh_sql(contract, spec, silver, changes))
@@ -488,11 +501,17 @@ class GoldRefresher:
             return self._latest_recomputed(contract, spec, silver, touched, schema)
         change_type = pl.col("_change_type")
         deleted = changes.filter(change_type == "delete").select(group_by).unique()
-        live = changes.filter(change_type.is_in(["insert", "update_postimage"])).select(
+        event_time = pl.col(contract.event_time)
+        live = changes.filter(
+            change_type.is_in(["insert", "update_postimage"])
+            # Only each group's newest changed instant can move its latest row.
+            & (event_time == event_time.max().over(group_by))
+        ).select(
             list(dict.fromkeys([*group_by, *contract.keys, contract.event_time, spec.value]))
             + (["_commit_version"] if "_commit_version" in changes.columns else [])
         )
-        if "_commit_version" in live.columns:  # a key changed twice: its later version
+        if "_commit_version" in live.columns and live["_commit_version"].n_unique() > 1:
+            # A key changed in two commits: its later version. (One commit has one per key.)
             live = live.sort("_commit_version").unique(subset=contract.keys, keep="last")
         live = live.join(deleted, on=group_by, how="anti", nulls_equal=True)
         gold = self._store.open("gold", spec.name)
@@ -532,15 +551,19 @@ class GoldRefresher:
         return _mark_presence(touched, fresh, list(spec.group_by), schema)
 
 
-def _silver_changes(silver: DeltaTable, done: int | None, expired: set[int]) -> pl.DataFrame:
-    """Silver rows changed since version ``done`` (all of silver when never consumed).
+def _silver_changes(
+    silver: DeltaTable, done: int | None, expired: set[int], columns: list[str]
+) -> pl.DataFrame:
+    """``columns`` of the silver rows changed since version ``done`` (all of silver when
+    never consumed), with the change feed's columns.
 
     Deletes made by retention (versions ``expired``) are skipped: gold keeps what
     silver lets age out.
     """
     if done is None:
-        return read_snapshot(silver).collect().with_columns(pl.lit("insert").alias("_change_type"))
-    changes = read_changes(silver, done + 1, silver.version()).filter(
+        snapshot = read_snapshot(silver).select(columns).collect()
+        return snapshot.with_columns(pl.lit("insert").alias("_change_type"))
+    changes = read_changes(silver, done + 1, silver.version(), columns).filter(
         pl.col("_change_type").is_in(CHANGED_ROWS)
     )
     if expired:

@@ -23,7 +23,7 @@ from typing import IO, Any, TypeVar
 
 import structlog
 
-from config.contracts import ContractRegistry
+from config.contracts import ContractRegistry, SourceContract
 from config.settings import Settings
 from delta_processing.bronze import BronzeBatchResult, BronzeIngestor, BronzeLimits
 from delta_processing.crashpoints import CrashPoints
@@ -138,6 +138,9 @@ class Processor:
         self._operations: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
+        self._gold_refreshed_at: dict[str, float] = {}  # monotonic, per source
+        # Landing times of the files each micro-batch carried that gold has yet to take in.
+        self._awaiting_gold: dict[str, list[tuple[datetime, ...]]] = {}
         self._operations_lock = threading.Lock()
         self._accepting = False  # operations are taken only while run_forever runs
 
@@ -194,20 +197,42 @@ class Processor:
                     ("quarantined", promoted.quarantined),
                 ):
                     metrics.quality_rows.labels(source, outcome).inc(rows)
-            started = time.perf_counter()
-            refreshed = self._gold.refresh(contract)
-            report.gold.extend(refreshed)
-            if refreshed:
-                metrics.stage_seconds.labels("gold").observe(time.perf_counter() - started)
-            for result in refreshed:
-                metrics.stage_batches.labels("gold", result.table).inc()
-                metrics.stage_rows.labels("gold", result.table).inc(result.groups_touched)
-            if batch is not None and batch.landed_at and contract.gold:
-                # This step carried the batch all the way: bronze, silver, then gold.
-                metrics.observe_end_to_end(source, [min(batch.landed_at)])
-                for result in refreshed:
-                    metrics.record_gold_data(result.table, max(batch.landed_at))
+            if batch is not None and batch.landed_at:
+                self._awaiting_gold.setdefault(source, []).append(batch.landed_at)
+            if not self._gold_deferred(source, batch):
+                self._refresh_gold(contract, report)
         return batch is not None
+
+    def _gold_deferred(self, source: str, batch: BronzeBatchResult | None) -> bool:
+        """Whether to leave gold for a later step: files wait and gold was refreshed lately.
+
+        Catching up on a backlog, gold then takes in several micro-batches at once, and
+        its per-refresh work (a MERGE per table) is not paid for every one of them.
+        """
+        if batch is None or not batch.backlog:
+            return False
+        since = time.monotonic() - self._gold_refreshed_at.get(source, 0.0)
+        return since < self._settings.gold_catch_up_ms / 1000
+
+    def _refresh_gold(self, contract: SourceContract, report: CycleReport) -> None:
+        metrics = self.metrics
+        source = contract.name
+        started = time.perf_counter()
+        refreshed = self._gold.refresh(contract)
+        self._gold_refreshed_at[source] = time.monotonic()
+        report.gold.extend(refreshed)
+        if refreshed:
+            metrics.stage_seconds.labels("gold").observe(time.perf_counter() - started)
+        for result in refreshed:
+            metrics.stage_batches.labels("gold", result.table).inc()
+            metrics.stage_rows.labels("gold", result.table).inc(result.groups_touched)
+        carried = self._awaiting_gold.pop(source, [])
+        if carried and contract.gold:
+            # These batches went all the way: bronze, silver, then gold.
+            metrics.observe_end_to_end(source, [min(landed) for landed in carried])
+            newest = max(max(landed) for landed in carried)
+            for result in refreshed:
+                metrics.record_gold_data(result.table, newest)
 
     def housekeeping(self) -> None:
         """Compact, checkpoint and clean every table, then expire rows past retention."""

@@ -56,6 +56,7 @@ SILVER_LINEAGE: dict[str, pl.DataType] = {
 # Arrival order of bronze rows: among equal sequence values, the later arrival wins.
 # Within a bronze commit: the files' arrival order, then the row's position in its file.
 ARRIVAL_ORDER = ["_commit_version", "_file_order", "_landing_file", "_row"]
+_ORDERED_ARRIVAL = ["_commit_version", "_file_order", "_row"]
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +88,10 @@ def with_arrival(rows: pl.DataFrame) -> pl.DataFrame:
     """Add ``_arrival``: a total, monotonic order of bronze rows (commit, file, row)."""
     if "_file_order" not in rows.columns:  # bronze written before files were ordered
         rows = rows.with_columns(pl.lit(None, dtype=pl.Int64).alias("_file_order"))
-    ordered = rows.sort(ARRIVAL_ORDER, nulls_last=False)
+    # Files have distinct orders within a commit; the file name only ranks rows of bronze
+    # written before files were ordered, and sorting by it (a string) is the slow part.
+    order = ARRIVAL_ORDER if rows["_file_order"].null_count() else _ORDERED_ARRIVAL
+    ordered = rows.sort(order, nulls_last=False)
     rank = pl.int_range(pl.len(), dtype=pl.Int64).over("_commit_version")
     return ordered.with_columns(
         ((pl.col("_commit_version").cast(pl.Int64) * 2**32) + rank).alias("_arrival")

@@ -24,6 +24,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 from deltalake.table import TableMerger
 
+from delta_processing.column_names import CHANGE_FEED_COLUMNS
 from delta_processing.storage import (
     is_local_uri,
     local_path,
@@ -356,9 +357,17 @@ def key_predicate(keys: list[str]) -> str:
     return " AND ".join(f't."{key}" = s."{key}"' for key in keys)
 
 
-def read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
-    """Change data feed rows of versions ``start..end`` (inclusive)."""
-    reader = table.load_cdf(starting_version=start, ending_version=end)
+def read_changes(
+    table: DeltaTable, start: int, end: int, columns: list[str] | None = None
+) -> pl.DataFrame:
+    """Change data feed rows of versions ``start..end`` (inclusive).
+
+    ``columns`` narrows the table's columns read; the change feed's own columns
+    (``_change_type``, ``_commit_version``, ``_commit_timestamp``) are always there.
+    """
+    if columns is not None:
+        columns = [*dict.fromkeys(columns), *CHANGE_FEED_COLUMNS]
+    reader = table.load_cdf(starting_version=start, ending_version=end, columns=columns)
     return pl.DataFrame(pa.table(reader.read_all()))
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from config.contracts import load_contracts
-from config.settings import Settings
+from config.settings import Settings, load_settings
 from delta_processing.coercions import (
     date_candidates,
     first_parse,
@@ -276,3 +276,46 @@ def test_windows_that_gain_rows_equal_recomputation_also_with_null_values(
             expected = gold_frame(silver, spec, contracts["meters"]).sort(keys)
             gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
             assert_frame_equal(gold, expected, check_exact=False)
+
+
+def _backlog_of_four_files(settings: Settings) -> None:
+    for minute in range(4):
+        land_records(settings.data_dir, "readings", [_reading(minute * 30, float(minute))])
+
+
+def test_gold_takes_in_a_backlog_in_fewer_refreshes_and_ends_current(data_dir: Path) -> None:
+    settings = load_settings(
+        data_dir=data_dir, file_settle_ms=0, batch_max_files=1, gold_catch_up_ms=60_000
+    )
+    _backlog_of_four_files(settings)
+    processor = Processor(settings, load_contracts())
+    report = processor.run_once()
+
+    assert len(report.bronze) == 4 and len(report.silver) == 4
+    # Gold follows the first micro-batch at once, then waits for the backlog's end.
+    tables = [r.table for r in report.gold]
+    assert tables == 2 * ["readings_hourly", "readings_daily", "readings_latest"]
+    silver = pl.read_delta(str(settings.data_dir / "silver" / "readings"))
+    contract = load_contracts()["readings"]
+    for spec in contract.gold:
+        gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name))
+        keys = [c for c in ("device_id", "sensor", "window_start") if c in gold.columns]
+        assert_frame_equal(gold.sort(keys), gold_frame(silver, spec, contract).sort(keys))
+    # Every micro-batch's files are counted when gold takes them in.
+    counts = [
+        sample.value
+        for metric in processor.metrics.end_to_end.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count")
+    ]
+    assert counts == [4]
+
+
+def test_without_catch_up_gold_follows_every_micro_batch(data_dir: Path) -> None:
+    settings = load_settings(
+        data_dir=data_dir, file_settle_ms=0, batch_max_files=1, gold_catch_up_ms=0
+    )
+    _backlog_of_four_files(settings)
+    report = Processor(settings, load_contracts()).run_once()
+    assert len(report.bronze) == 4
+    assert len(report.gold) == 4 * 3
