@@ -109,3 +109,26 @@ def test_changing_partitioning_asks_for_a_refresh(tmp_path: Path) -> None:
     assert Processor(settings, parted).run_once().failures == []
     table = DeltaTable(str(data_dir / "silver" / "readings"))
     assert table.metadata().partition_columns == ["_event_date"]
+
+
+def test_a_key_value_folder_above_the_data_directory_is_not_a_partition(tmp_path: Path) -> None:
+    """``env=prod/dados``: Polars' Delta scan would read ``env`` as a hive column."""
+    batches = _batches(5)
+    plain, nested = tmp_path / "plain", tmp_path / "env=prod" / "dados"
+    _run(plain, _partitioned(load_contracts()), batches)
+    _run(nested, _partitioned(load_contracts()), batches)
+    for layer, name in [("silver", "readings"), ("gold", "readings_hourly"),
+                        ("gold", "readings_latest")]:  # fmt: skip
+        a = pl.read_delta(str(plain / layer / name)).drop(
+            "_ingested_at", "_batch_id", "_arrival", strict=False
+        )
+        b = pl.from_arrow(DeltaTable(str(nested / layer / name)).to_pyarrow_table()).drop(
+            "_ingested_at", "_batch_id", "_arrival", strict=False
+        )
+        assert isinstance(b, pl.DataFrame) and "env" not in b.columns
+        sort = [c for c in ("device_id", "sensor", "ts", "window_start") if c in a.columns]
+        assert_frame_equal(a.sort(sort), b.sort(sort))
+    silver_rows = pl.read_delta(str(plain / "silver" / "readings")).height
+    con = connect(nested)
+    assert con.sql("SELECT count(*) FROM silver.readings").fetchall() == [(silver_rows,)]
+    assert "env" not in [c[0] for c in con.sql("DESCRIBE silver.readings").fetchall()]
