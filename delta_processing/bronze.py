@@ -44,6 +44,7 @@ from delta_processing.tables import (
     consumed_version,
     table_columns,
 )
+from delta_processing.transient import StorageUnavailableError, brief, outage_behind
 from landing_zone.formats import BatchDecodeError, read_batch_file
 from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 from landing_zone.writer import batch_time, correlation_ids_of
@@ -146,24 +147,43 @@ class BronzeIngestor:
 
         The files go to the file quarantine with the error, from where an operator can
         drop them back into ``landing/<source>/`` once the cause is fixed.
+
+        Only failures the claim's data may cause count toward that. A storage outage
+        (object store down, timing out, throttling: see
+        :mod:`delta_processing.transient`) raises :class:`StorageUnavailableError`
+        without counting: the processor retries with back-off for as long as the outage
+        lasts, where counting would set acknowledged files aside after a few cycles.
         """
+        key = (source, seq)
         try:
-            return self._commit_claim(source, seq, claim_dir)
+            result = self._commit_claim(source, seq, claim_dir)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            attempts = self._failures.get((source, seq), 0) + 1
-            self._failures[(source, seq)] = attempts
+            if outage_behind(exc, lambda: self._table(source)):
+                log.warning(
+                    "bronze.storage_unavailable",
+                    source=source,
+                    seq=seq,
+                    attempts=self._failures.get(key, 0),
+                    error=brief(exc),
+                )
+                raise StorageUnavailableError(f"bronze {source} seq {seq}: {brief(exc)}") from exc
+            attempts = self._failures.get(key, 0) + 1
+            self._failures[key] = attempts
             if attempts < MAX_CLAIM_ATTEMPTS:
                 raise
             error = f"bronze append failed {MAX_CLAIM_ATTEMPTS} times: {exc}"
+        else:
+            self._failures.pop(key, None)  # earlier failures of this claim are history
+            return result
         log.error("bronze.claim_quarantined", source=source, seq=seq, error=error)
         files = sorted(p for p in claim_dir.iterdir() if p.is_file())
         for path in files:
             self._quarantine_file(source, path, error)
         claim_dir.rmdir()
         fsync_directory(claim_dir.parent)
-        del self._failures[(source, seq)]
+        del self._failures[key]
         return BronzeBatchResult(source, seq, 0, 0, len(files))
 
     def _select(self, pending: list[Path]) -> list[Path]:

@@ -35,6 +35,7 @@ from delta_processing.metrics import PipelineMetrics
 from delta_processing.retention import RetentionPolicy, apply_retention
 from delta_processing.silver import SilverPromoter, SilverResult
 from delta_processing.tables import TableStore
+from delta_processing.transient import brief, is_storage_unavailable
 from landing_zone.layout import LandingLayout
 from landing_zone.watcher import LandingWatcher
 
@@ -60,6 +61,7 @@ class CycleReport:
     silver: list[SilverResult] = field(default_factory=list)
     gold: list[GoldResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    storage_unavailable: bool = False  # the cycle ended early: the table storage is down
 
     @property
     def did_work(self) -> bool:
@@ -148,7 +150,9 @@ class Processor:
         """Drain the landing zone once: every source, every stage. Failures are reported.
 
         Sources take turns, one bronze micro-batch each, so a busy source cannot
-        starve the others; a failing source is skipped until the next cycle.
+        starve the others; a failing source is skipped until the next cycle. A storage
+        outage ends the cycle (``storage_unavailable``): every source's tables are on
+        the same store, and each would wait out object_store's own retries in turn.
         """
         report = CycleReport()
         pending = sorted(set(self._contracts) | set(self._layout.sources_with_files()))
@@ -164,11 +168,19 @@ class Processor:
                 except BaseException as exc:
                     if isinstance(exc, KeyboardInterrupt | SystemExit):
                         raise
+                    self.metrics.stage_failures.labels(source).inc()
+                    report.failures.append(f"{source}: {exc}")
+                    if is_storage_unavailable(exc):
+                        # Expected while the store is away, and retried: one line, no
+                        # traceback per cycle.
+                        log.warning(
+                            "processor.storage_unavailable", source=source, error=brief(exc)
+                        )
+                        report.storage_unavailable = True
+                        return report
                     # Polars/deltalake panics are BaseExceptions: a bad source must
                     # not kill the processor or starve the others.
                     log.exception("processor.source_failed", source=source)
-                    self.metrics.stage_failures.labels(source).inc()
-                    report.failures.append(f"{source}: {exc}")
             pending = still_busy
             first_turn = False
         return report
@@ -253,8 +265,12 @@ class Processor:
         runs.labels("log_cleanup").inc(sum(r.log_files_removed > 0 for r in reports))
         runs.labels("retention").inc(len(expired))
         self.metrics.housekeeping_seconds.set(time.perf_counter() - started)
-        log.info("processor.housekeeping", tables=len(reports), compacted=len(compacted),
-                 expired=[r.table for r in expired])  # fmt: skip
+        log.info(
+            "processor.housekeeping",
+            tables=len(reports),
+            compacted=len(compacted),
+            expired=[r.table for r in expired],
+        )
 
     def _archive_upload(self) -> None:
         """Upload the landing archive and prune it, when ``LAKEHOUSE_ARCHIVE_URI`` is set.
@@ -359,10 +375,25 @@ class Processor:
                 backoff = min(max(backoff * 2, 0.5), 30.0) if report.failures else 0.0
                 if report.did_work and not report.failures:
                     continue  # more may have arrived while we worked
+                if report.storage_unavailable:
+                    # Landing events would cut the back-off short (files keep arriving
+                    # while the store is down), and they do not bring it back: sleep the
+                    # whole back-off. Housekeeping waits too; it needs the store.
+                    log.info("processor.backing_off", seconds=backoff)
+                    stop.wait(backoff)
+                    continue
                 if time.monotonic() >= next_housekeeping:
-                    # In this thread, between micro-batches: never races a pipeline commit.
-                    self.housekeeping()
                     next_housekeeping = time.monotonic() + self._settings.maintenance_interval_s
+                    try:
+                        # In this thread, between micro-batches: never races a pipeline
+                        # commit.
+                        self.housekeeping()
+                    except BaseException as exc:  # deltalake panics included
+                        if isinstance(exc, KeyboardInterrupt | SystemExit):
+                            raise
+                        # Maintenance is deferrable (next interval); the pipeline is
+                        # not: a store gone during housekeeping must not stop it.
+                        log.exception("processor.housekeeping_failed")
                 timeout = backoff or self._settings.rescan_interval_s
                 settle_s = self._settings.file_settle_ms / 1000
                 if self._layout.has_unsettled_files(settle_s):

@@ -41,6 +41,7 @@ import polars as pl
 from confluent_kafka import KafkaError, Producer
 from polars.testing import assert_frame_equal
 
+from delta_processing.tables import Layer, TableStore
 from landing_zone.layout import LandingLayout
 from tests.helpers import LAKEHOUSE, REPO, lakehouse_env, reference_gold, start_lakehouse
 
@@ -264,11 +265,12 @@ class Victim:
             self.proc.wait()
 
 
-def processor_victim(data_dir: Path, log: Path) -> Victim:
+def processor_victim(data_dir: Path, log: Path, **env: str) -> Victim:
+    """``lakehouse process`` as a victim; ``env``: more settings (e.g. the table storage)."""
     return Victim("processor", lambda: start_lakehouse(
         ["process"], data_dir, log,
         LAKEHOUSE_TRIGGER_LATENCY_MS="50", LAKEHOUSE_RESCAN_INTERVAL_S="1",
-        LAKEHOUSE_BATCH_MAX_FILES="10",
+        LAKEHOUSE_BATCH_MAX_FILES="10", **env,
     ))  # fmt: skip
 
 
@@ -316,21 +318,34 @@ class Chaos(threading.Thread):
         return sum(v.kills for v in self.victims)
 
 
-def silver_rids(data_dir: Path) -> set[int]:
-    path = data_dir / "silver" / "readings"
-    if not (path / "_delta_log").is_dir():
+def read_table(
+    data_dir: Path, layer: Layer, name: str, tables: TableStore | None = None
+) -> pl.DataFrame | None:
+    """A table of the run, or ``None`` if it does not exist.
+
+    ``tables``: where the tables live when not under ``data_dir`` (object storage).
+    """
+    store = tables or TableStore(data_dir)
+    table = store.open(layer, name)
+    return None if table is None else pl.read_delta(table)
+
+
+def silver_rids(data_dir: Path, tables: TableStore | None = None) -> set[int]:
+    silver = read_table(data_dir, "silver", "readings", tables)
+    if silver is None:
         return set()
-    values = pl.read_delta(str(path), columns=["value"])["value"]
-    return {int(v) for v in values.drop_nulls()}
+    return {int(v) for v in silver["value"].drop_nulls()}
 
 
-def wait_in_silver(data_dir: Path, rids: set[int], timeout: float) -> set[int]:
+def wait_in_silver(
+    data_dir: Path, rids: set[int], timeout: float, tables: TableStore | None = None
+) -> set[int]:
     """Poll silver until it holds ``rids``; returns those still missing at the deadline."""
     deadline = time.monotonic() + timeout
     missing = set(rids)
     while True:
         try:
-            missing = rids - silver_rids(data_dir)
+            missing = rids - silver_rids(data_dir, tables)
         except Exception:  # a table being created under us: try again
             missing = set(rids)
         if not missing or time.monotonic() > deadline:
@@ -338,10 +353,10 @@ def wait_in_silver(data_dir: Path, rids: set[int], timeout: float) -> set[int]:
         time.sleep(1.0)
 
 
-def drain(data_dir: Path) -> None:
+def drain(data_dir: Path, **env: str) -> None:
     """``lakehouse process --once``: everything landed goes through to gold."""
     done = subprocess.run(
-        [*LAKEHOUSE, "process", "--once"], cwd=REPO, env=lakehouse_env(data_dir),
+        [*LAKEHOUSE, "process", "--once"], cwd=REPO, env=lakehouse_env(data_dir, **env),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -371,10 +386,16 @@ def _rid_counts(frame: pl.DataFrame) -> Counter[int]:
     return Counter(int(v) for v in values)
 
 
-def reconcile(data_dir: Path, loads: list[Load], kills: int) -> Summary:
-    """Compare the drained tables with what the clients were told; see the module doc."""
-    silver = pl.read_delta(str(data_dir / "silver" / "readings"))
-    bronze = pl.read_delta(str(data_dir / "bronze" / "readings"))
+def reconcile(
+    data_dir: Path, loads: list[Load], kills: int, tables: TableStore | None = None
+) -> Summary:
+    """Compare the drained tables with what the clients were told; see the module doc.
+
+    ``tables``: where the tables live when not under ``data_dir`` (object storage).
+    """
+    silver = read_table(data_dir, "silver", "readings", tables)
+    bronze = read_table(data_dir, "bronze", "readings", tables)
+    assert silver is not None and bronze is not None, "no silver or bronze table"
     in_silver = _rid_counts(silver)
     in_bronze = _rid_counts(bronze)
     attempted = set().union(*(load.attempted for load in loads))
@@ -393,17 +414,16 @@ def reconcile(data_dir: Path, loads: list[Load], kills: int) -> Summary:
 
     gold_diffs = []
     for name, reference in reference_gold(silver).items():
-        gold = pl.read_delta(str(data_dir / "gold" / name))
+        gold = read_table(data_dir, "gold", name, tables)
+        assert gold is not None, f"no gold table {name}"
         keys = [c for c in reference.columns if c in ("device_id", "sensor", "window_start")]
         try:
             assert_frame_equal(gold.sort(keys), reference.sort(keys), check_exact=False)
         except AssertionError as exc:
             gold_diffs.append(f"{name}: {exc}")
 
-    quarantine = data_dir / "quarantine" / "readings"
-    quarantined = (
-        pl.read_delta(str(quarantine)).height if (quarantine / "_delta_log").is_dir() else 0
-    )
+    quarantine = read_table(data_dir, "quarantine", "readings", tables)
+    quarantined = 0 if quarantine is None else quarantine.height
     summary = Summary(
         kills=kills,
         records=len(all_acked),
