@@ -375,12 +375,13 @@ def read_snapshot(table: DeltaTable) -> pl.LazyFrame:
     """A lazy scan of the table at the version ``table`` is loaded at.
 
     Polars' own Delta scan cannot open %-escaped local paths (a data directory
-    with a space in its name); such tables are scanned through deltalake's Arrow
-    dataset instead.
+    with a space in its name) and reads storage options its own way (it wants a
+    number for ``max_retries``, which deltalake wants as text); such tables, and
+    every table on object storage, are scanned through deltalake's Arrow dataset.
     """
     root = local_root(table)
     # Derived from the root alone: listing the files to look for escapes costs a pass
     # over the whole snapshot on every gold refresh.
-    if root is not None and quote(str(root)) != str(root):
+    if root is None or quote(str(root)) != str(root):
         return pl.scan_pyarrow_dataset(table.to_pyarrow_dataset())
     return pl.scan_delta(table)
