@@ -10,30 +10,36 @@ our session's in-flight window and redelivers it after any reconnect, bridge
 crash or broker restart; so a message is landed *at least once* and silver's key
 de-duplication makes it count once.
 
-The bridge runs one thread: :meth:`MqttBridge.run` drives paho's network loop
-itself (``client.loop``), so message callbacks, batch flushes and acks never race,
-and reconnection (exponential back-off with jitter) is under our control.
+Two threads. The network thread, :meth:`MqttBridge.run`, drives paho's loop itself
+(``client.loop``), so callbacks and acks never race and reconnection (exponential
+back-off with jitter) is under our control; its message callback only queues the
+message. A closed batch goes to the landing thread, which maps it in bulk
+(:mod:`landing_zone.mqtt_batch`) and writes and fsyncs its files while the network
+thread keeps receiving the next batch (the in-flight window holds two batches). The
+network thread then acknowledges the landed batches, in order. Each batch carries the
+connection it arrived on: messages of a connection since lost are never acknowledged
+(the broker redelivers them to the new one), and a batch of a lost connection not yet
+started is not written at all.
 
-Run stand-alone (tests, operations)::
+Run stand-alone (operations)::
 
-    python -m landing_zone.mqtt_bridge bridge.json dados/
+    lakehouse bridge mqtt --config bridge.toml [--metrics-port 9101]
 """
 
 from __future__ import annotations
 
-import base64
+import logging
 import random
 import ssl
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-import polars as pl
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -42,14 +48,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from landing_zone.mqtt_topics import (
-    DEVICE_PATTERN,
-    MessageRejected,
-    RawRecord,
-    TopicPattern,
-    iso_utc,
-    map_message,
-)
+from landing_zone.mqtt_batch import Received, TopicMapper, map_batch, records_frame
+from landing_zone.mqtt_topics import DEVICE_PATTERN, TopicPattern
 from landing_zone.writer import LandingWriteError, LandingWriter
 
 log = structlog.get_logger(__name__)
@@ -59,9 +59,42 @@ log = structlog.get_logger(__name__)
 MAX_RECEIVE_MAXIMUM = 65_535
 MAX_SESSION_EXPIRY_S = 0xFFFF_FFFF  # "never expires" in MQTT 5
 _POLL_S = 0.25  # longest wait in the network loop: bounds reaction to stop and latency flushes
+# Wait in the network loop while a batch is being landed: bounds the delay of its acks.
+_LANDING_POLL_S = 0.005
 # Never subscribed: unsubscribing it is a harmless round trip (see MqttBridge._ack_barrier).
 _BARRIER_FILTER = "$lakehouse/ack-barrier"
 _BARRIER_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class _Landing:
+    """A closed batch handed to the landing thread; ``landed`` resolves to whether it is durable."""
+
+    messages: list[Received]
+    landed: Future[bool]
+
+
+class _LastError(logging.Handler):
+    """Keeps paho's last error message, which explains the disconnect that follows.
+
+    paho reports socket and TLS errors only through its log. Its ``on_log`` callback
+    would make paho format a debug line for every packet; a logger set to ERROR lets
+    it skip them (``Logger.log`` checks the level before formatting).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage().removeprefix("failed to receive on socket: ")
+
+    def paho_logger(self) -> logging.Logger:
+        """A private (unregistered) logger feeding only this handler."""
+        logger = logging.Logger("paho.mqtt.client", logging.ERROR)
+        logger.propagate = False
+        logger.addHandler(self)
+        return logger
 
 
 class MqttConfigError(ValueError):
@@ -124,8 +157,14 @@ class MqttBridgeConfig(_Strict):
     username: str | None = None
     password: SecretStr | None = None
     tls: MqttTlsConfig | None = None
-    batch_max_messages: int = Field(1000, ge=1, le=MAX_RECEIVE_MAXIMUM)
-    batch_max_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    batch_max_messages: int = Field(
+        5000,
+        ge=1,
+        le=MAX_RECEIVE_MAXIMUM,
+        description="Messages per landing file; the in-flight window (Receive Maximum) is "
+        "twice this, capped at 65535. Fewer, larger files are cheaper for bronze.",
+    )
+    batch_max_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Payload bytes per batch.")
     batch_max_latency_ms: int = Field(1000, ge=0, le=600_000)
     reconnect_min_delay_s: float = Field(0.5, gt=0, le=3600)
     reconnect_max_delay_s: float = Field(30.0, gt=0, le=3600)
@@ -147,41 +186,6 @@ class MqttBridgeConfig(_Strict):
     def filters(self) -> list[str]:
         """The distinct subscription filters of the patterns, in order."""
         return list(dict.fromkeys(p.filter for p in self.patterns))
-
-
-@dataclass
-class _Pending:
-    """A received, not yet acknowledged message and what it becomes."""
-
-    mid: int
-    qos: int
-    topic: str
-    payload: bytes
-    received_at: datetime
-    source: str | None  # None: a dead letter
-    record: RawRecord | None
-    error: str | None
-
-    def dead_letter(self, error: str | None = None) -> dict[str, str]:
-        return {
-            "origin": "mqtt",
-            "topic": self.topic,
-            "payload_base64": base64.b64encode(self.payload).decode("ascii"),
-            "error": error or self.error or "unknown error",
-            "received_at": iso_utc(self.received_at),
-        }
-
-
-def records_frame(rows: Sequence[Mapping[str, str | None]]) -> pl.DataFrame:
-    """Raw records as an all-String frame; fields missing from a record are null."""
-    columns: dict[str, list[str | None]] = {}
-    for index, row in enumerate(rows):
-        for name, value in row.items():
-            columns.setdefault(name, [None] * index).append(value)
-        for column in columns.values():
-            if len(column) == index:
-                column.append(None)
-    return pl.DataFrame(columns, schema=dict.fromkeys(columns, pl.String))
 
 
 def _tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
@@ -232,14 +236,20 @@ class MqttBridge:
         self._writer = writer
         self._tls = _tls_context(config.tls) if config.tls is not None else None
         self._rng = random.Random()
-        self._pending: list[_Pending] = []
+        self._mapper = TopicMapper(config.patterns)
+        # Received, not yet acknowledged messages of the open batch: the callback only
+        # queues them, the landing thread maps the whole batch at once (_land).
+        self._pending: list[Received] = []
+        self._landing: deque[_Landing] = deque()  # handed to the landing thread, in order
+        self._connection = 0  # bumped whenever a connection ends (see _land)
+        self._failed_connection = -1  # a write failed for this one: land none of its batches
         self._pending_bytes = 0
         self._batch_started = 0.0
         self._link_up = False  # a socket is open (CONNACK may still be due)
         self._connected = False  # CONNACK accepted on the open socket
         self._link_opened = 0.0
         self._attempt: Literal["connecting", "accepted", "refused", "closing"] = "connecting"
-        self._last_error: str | None = None
+        self._paho_errors = _LastError()
         self._ever_connected = False
         self._failures = 0  # consecutive failed attempts: drives the back-off
         self._barrier_mid: int | None = None
@@ -284,6 +294,7 @@ class MqttBridge:
         back-off and jitter until stopped.
         """
         client = self._new_client()
+        lander = ThreadPoolExecutor(1, thread_name_prefix="mqtt-landing")
         cfg = self._config
         log.info(
             "mqtt.bridge_started",
@@ -320,13 +331,17 @@ class MqttBridge:
                         self._failures += 1
                         self.connect_failures += 1
                     continue
-                if self._flush_due() and not self._flush(client):
+                if not self._acknowledge_landed(client):
                     # Not durable, so not acknowledged: drop the connection and let the
                     # broker redeliver the batch to our session after the back-off.
                     self._close_link(client)
                     self._failures += 1
+                    continue
+                if self._flush_due():
+                    self._close_batch(lander)
         finally:
-            self._shutdown(client)
+            self._shutdown(client, lander)
+            lander.shutdown(wait=True)
 
     def _new_client(self) -> mqtt.Client:
         cfg = self._config
@@ -351,7 +366,7 @@ class MqttBridge:
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_message
-        client.on_log = self._on_log
+        client.enable_logger(self._paho_errors.paho_logger())
         return client
 
     def _connect_properties(self) -> Properties:
@@ -361,14 +376,15 @@ class MqttBridge:
         props.SessionExpiryInterval = self._config.session_expiry_s
         # Unacknowledged messages wait in our open batch, so the in-flight window must
         # hold a whole batch, or batches could only ever be closed by latency; two
-        # batches, so the broker sends the next one while this one is being written.
+        # batches, so the broker sends the next one while this one is being landed.
+        # (mosquitto 2 honours it for MQTT 5 clients, beyond its max_inflight_messages.)
         props.ReceiveMaximum = min(2 * self._config.batch_max_messages, MAX_RECEIVE_MAXIMUM)
         return props
 
     def _open_link(self, client: mqtt.Client) -> None:
         cfg = self._config
         self._attempt = "connecting"
-        self._last_error = None
+        self._paho_errors.message = None
         self._link_opened = time.monotonic()
         try:
             rc = client.connect(
@@ -428,15 +444,20 @@ class MqttBridge:
         # Never acknowledged, so the broker still owns these messages: it redelivers them
         # to our session on reconnect. Writing them now would only add duplicates (and,
         # for payloads without a timestamp, duplicates with a different receive time).
-        if self._pending:
+        # The landing thread skips the closed batches of this connection it has not
+        # started; one being written completes, and its redelivered copy lands again.
+        self._connection += 1
+        unacknowledged = len(self._pending) + sum(len(b.messages) for b in self._landing)
+        if unacknowledged:
             log.warning(
                 "mqtt.batch_abandoned",
-                messages=len(self._pending),
+                messages=unacknowledged,
                 reason=why,
                 detail="not acknowledged; the broker redelivers them",
             )
         self._pending = []
         self._pending_bytes = 0
+        self._landing.clear()
 
     def _backoff_delay(self) -> float:
         """Exponential back-off with jitter (half to full step), so bridges don't stampede."""
@@ -448,16 +469,26 @@ class MqttBridge:
         return delay
 
     def _poll_timeout(self) -> float:
+        longest = _LANDING_POLL_S if self._landing else _POLL_S
         if not self._pending:
-            return _POLL_S
+            return longest
         age = time.monotonic() - self._batch_started
         remaining = self._config.batch_max_latency_ms / 1000 - age
-        return max(0.0, min(_POLL_S, remaining))
+        return max(0.0, min(longest, remaining))
 
-    def _shutdown(self, client: mqtt.Client) -> None:
-        if self._connected and self._pending and self._flush(client):
-            # Durable first, then acknowledged, then confirmed, then DISCONNECT.
-            self._ack_barrier(client)
+    def _shutdown(self, client: mqtt.Client, lander: ThreadPoolExecutor) -> None:
+        if self._connected and self._pending:
+            self._close_batch(lander)
+        if self._connected and self._landing:
+            # Durable first, then acknowledged, then confirmed, then DISCONNECT. The
+            # network loop keeps running meanwhile, so the link stays serviced.
+            while self._landing and self._link_up:
+                if client.loop(timeout=_LANDING_POLL_S) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._link_lost()
+                elif not self._acknowledge_landed(client):
+                    break
+            if self._link_up and not self._landing:
+                self._ack_barrier(client)
         if self._link_up:
             self._close_link(client)
         self._discard_pending("bridge stopping")
@@ -496,37 +527,40 @@ class MqttBridge:
             or time.monotonic() - self._batch_started >= cfg.batch_max_latency_ms / 1000
         )
 
-    def _flush(self, client: mqtt.Client) -> bool:
-        """Write the open batch (one landing file per source, one of dead letters), then ack.
-
-        Every message of the batch is acknowledged, in arrival order as MQTT requires,
-        only after *all* its files are durable. Returns False (nothing acknowledged)
-        when a file could not be written.
-        """
+    def _close_batch(self, lander: ThreadPoolExecutor) -> None:
+        """Hand the open batch to the landing thread (acknowledged in _acknowledge_landed)."""
         batch = self._pending
         self._pending = []
         self._pending_bytes = 0
-        by_source: dict[str, list[_Pending]] = {}
-        letters: list[dict[str, str]] = []
-        for entry in batch:
-            if entry.source is not None:
-                by_source.setdefault(entry.source, []).append(entry)
-            else:
-                letters.append(entry.dead_letter())
+        landed = lander.submit(self._land, batch, self._connection)
+        self._landing.append(_Landing(batch, landed))
+
+    def _land(self, batch: list[Received], connection: int) -> bool:
+        """Landing thread: write a batch (one file per source, one of dead letters).
+
+        Returns whether every file of the batch is durable; False (nothing may be
+        acknowledged) when one could not be written, or when the batch belongs to a
+        connection that is gone or failed a write (the broker redelivers it anyway).
+        """
+        if connection != self._connection or connection == self._failed_connection:
+            return False
+        mapped = map_batch(batch, self._mapper)
+        letters = mapped.dead_letters
         try:
-            for source, entries in by_source.items():
-                rows = [e.record for e in entries if e.record is not None]
+            for source, entries in mapped.sources.items():
                 try:
-                    receipt = self._writer.write_frame(source, records_frame(rows))
+                    receipt = self._writer.write_frame(source, records_frame(entries.records))
                 except LandingWriteError:
                     raise
                 except Exception as exc:
                     # Not the disk: something in these records cannot be written (a bug or
                     # an unforeseen shape). Redelivery would fail the same way forever, so
                     # set the messages aside as dead letters instead of wedging the session.
-                    log.exception("mqtt.batch_unwritable", source=source, messages=len(entries))
+                    log.exception(
+                        "mqtt.batch_unwritable", source=source, messages=len(entries.records)
+                    )
                     error = f"cannot write a landing file for source {source!r}: {exc}"
-                    letters.extend(e.dead_letter(error) for e in entries)
+                    letters.extend(entries.dead_letters(error))
                     continue
                 self.batches_written += 1
                 self.records_landed += receipt.records
@@ -535,6 +569,9 @@ class MqttBridge:
                 self.batches_written += 1
                 self.dead_letters += len(letters)
         except LandingWriteError as exc:
+            # Later batches of this connection must not land either: acknowledgements go
+            # in order, so the broker redelivers them all after the reconnect.
+            self._failed_connection = connection
             self.write_failures += 1
             log.error(
                 "mqtt.landing_write_failed",
@@ -543,16 +580,34 @@ class MqttBridge:
                 detail="not acknowledged; reconnecting so the broker redelivers them",
             )
             return False
-        for entry in batch:
-            if entry.qos > 0:
-                client.ack(entry.mid, entry.qos)
-                self.acked += 1
         log.debug(
-            "mqtt.batch_acknowledged",
+            "mqtt.batch_landed",
             messages=len(batch),
-            sources=sorted(by_source),
+            sources=sorted(mapped.sources),
             dead_letters=len(letters),
         )
+        return True
+
+    def _acknowledge_landed(self, client: mqtt.Client) -> bool:
+        """Network thread: acknowledge the batches landed so far, in order.
+
+        Every batch queued here arrived on the current connection (_discard_pending
+        drops the others). Returns False when a batch could not be landed: the caller
+        drops the connection, so that the broker redelivers it.
+        """
+        while self._landing and self._landing[0].landed.done():
+            batch = self._landing.popleft()
+            try:
+                durable = batch.landed.result()
+            except Exception:
+                log.exception("mqtt.landing_failed", messages=len(batch.messages))
+                durable = False
+            if not durable:
+                return False
+            for mid, qos, _, _, _ in batch.messages:
+                if qos > 0:
+                    client.ack(mid, qos)
+                    self.acked += 1
         return True
 
     # -- paho callbacks (called from client.loop, in the run thread) -----------------
@@ -657,7 +712,7 @@ class MqttBridge:
         if self._attempt == "closing":
             log.info("mqtt.disconnected", host=cfg.host, port=cfg.port, reason="requested")
             return
-        detail = self._last_error or str(reason_code)
+        detail = self._paho_errors.message or str(reason_code)
         if self._attempt == "connecting":
             if cfg.tls is not None and _looks_like_tls(detail):
                 log.error(
@@ -679,37 +734,20 @@ class MqttBridge:
             host=cfg.host,
             port=cfg.port,
             reason=str(reason_code),
-            detail=self._last_error,
+            detail=self._paho_errors.message,
         )
 
-    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        # paho reports socket and TLS errors only through its log; keep the last one to
-        # explain the disconnect that follows.
-        if level == mqtt.MQTT_LOG_ERR:
-            self._last_error = buf.removeprefix("failed to receive on socket: ")
-
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        received_at = datetime.now(UTC)
+        # Runs once per message on the network thread: queue only, mapping is per batch
+        # (_land). paho keeps the topic's bytes in ``_topic``: decoded later, and only
+        # once per distinct topic (mqtt_batch.TopicMapper).
+        payload = message.payload
+        if not self._pending:
+            self._batch_started = time.monotonic()
+        self._pending.append(
+            (message.mid, message.qos, message._topic, bytes(payload), message.timestamp)
+        )
+        self._pending_bytes += len(payload)
         self.messages_in += 1
         if message.dup:
             self.redelivered += 1
-        payload = bytes(message.payload)
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:  # brokers should refuse these; never lose the bytes
-            topic = message._topic.decode("utf-8", errors="backslashreplace")
-        entry = _Pending(message.mid, message.qos, topic, payload, received_at, None, None, None)
-        try:
-            entry.source, entry.record = map_message(
-                topic, payload, received_at, self._config.patterns
-            )
-        except MessageRejected as exc:
-            entry.error = exc.reason
-        except Exception as exc:
-            # A mapping bug must not wedge the session by redelivering forever.
-            log.exception("mqtt.mapping_failed", topic=topic)
-            entry.error = f"internal error mapping the message: {exc!r}"
-        if not self._pending:
-            self._batch_started = time.monotonic()
-        self._pending.append(entry)
-        self._pending_bytes += len(payload) + len(topic)

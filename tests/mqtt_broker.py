@@ -201,6 +201,8 @@ persistence_location {self.persistence_dir}/
 autosave_interval 1
 # The bridge defers acknowledgements until its landing file is durable: it needs a
 # large inflight window and queue (mosquitto's defaults, 20 and 1000, are far too small).
+# MQTT 5 clients (the bridge, the bench's bare subscriber) get the Receive Maximum they
+# announce instead of max_inflight_messages, as with the production config.
 max_inflight_messages 4000
 max_queued_messages 100000
 log_dest stdout
