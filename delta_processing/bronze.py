@@ -42,6 +42,7 @@ from delta_processing.tables import (
     append,
     commit_marker,
     consumed_version,
+    correlation_metadata,
     table_columns,
 )
 from delta_processing.transient import StorageUnavailableError, brief, outage_behind
@@ -340,10 +341,7 @@ def _modified_at(path: Path) -> datetime:
 
 def _commit_metadata(frames: list[pl.DataFrame], correlation_ids: list[str]) -> dict[str, str]:
     """Custom commit metadata of a bronze batch: file count, and the requests it holds."""
-    metadata = {"lakehouse.files": str(len(frames))}
-    if correlation_ids:
-        metadata["lakehouse.correlation_ids"] = json.dumps(correlation_ids)
-    return metadata
+    return {"lakehouse.files": str(len(frames)), **correlation_metadata(correlation_ids)}
 
 
 def target_table(source: str) -> tuple[Layer, str]:

@@ -36,6 +36,8 @@ from delta_processing.tables import (
     append,
     commit_marker,
     consumed_version,
+    correlation_ids_between,
+    correlation_metadata,
     ensure_table,
     marked_versions,
     merge,
@@ -301,7 +303,8 @@ class GoldRefresher:
             return []
         silver_version = silver.version()
         results = []
-        changes_since: dict[int | None, pl.DataFrame] = {}  # gold tables usually agree
+        # Gold tables usually agree on where they stand: read each change set once.
+        changes_since: dict[int | None, tuple[pl.DataFrame, list[str]]] = {}
         for spec in contract.gold:
             done = consumed_version(self._store.open("gold", spec.name), GOLD_APP_ID)
             if done is not None and done >= silver_version:
@@ -320,12 +323,19 @@ class GoldRefresher:
             if done not in changes_since:
                 expired = marks.get(RETENTION_MARK, set())
                 columns = gold_inputs(contract)
-                changes_since[done] = _silver_changes(silver, done, expired, columns)
-            changes = changes_since[done]
+                changes_since[done] = (
+                    _silver_changes(silver, done, expired, columns),
+                    []
+                    if done is None
+                    else correlation_ids_between(silver, done + 1, silver_version),
+                )
+            changes, correlation_ids = changes_since[done]
             if isinstance(spec, SqlGold):
-                results.append(self._refresh_sql(contract, spec, silver, changes))
+                result = self._refresh_sql(contract, spec, silver, changes, correlation_ids)
             else:
-                results.append(self._refresh_one(contract, spec, silver, changes))
+                result = self._refresh_one(contract, spec, silver, changes, correlation_ids)
+            results.append(result)
+            log.info("gold.refreshed", **result.__dict__, correlation_ids=correlation_ids)
         return results
 
     def _refresh_one(
@@ -334,6 +344,7 @@ class GoldRefresher:
         spec: WindowGold | LatestGold,
         silver: DeltaTable,
         changes: pl.DataFrame,
+        correlation_ids: list[str],
     ) -> GoldResult:
         """Upsert the windows (or groups) ``changes`` touched, recomputed from silver."""
         silver_version = silver.version()
@@ -344,7 +355,7 @@ class GoldRefresher:
             schema = latest_schema(spec, contract)
             keys = list(spec.group_by)
         gold = ensure_table(self._store, "gold", spec.name, schema, cdf=False)
-        marker = commit_marker(GOLD_APP_ID, silver_version)
+        marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
         if isinstance(spec, WindowGold):
             upserts = self._window_upserts(contract, spec, silver, changes, schema)
         else:
@@ -354,9 +365,7 @@ class GoldRefresher:
         else:
             _apply_upserts(gold, upserts, keys, marker)
         self._crash.reached("after_gold_commit")
-        result = GoldResult(spec.name, silver_version, upserts.height)
-        log.info("gold.refreshed", **result.__dict__)
-        return result
+        return GoldResult(spec.name, silver_version, upserts.height)
 
     def _window_upserts(
         self,
@@ -437,7 +446,12 @@ class GoldRefresher:
         return _mark_presence(touched, fresh, [*spec.group_by, "window_start"], schema)
 
     def _refresh_sql(
-        self, contract: SourceContract, spec: SqlGold, silver: DeltaTable, changes: pl.DataFrame
+        self,
+        contract: SourceContract,
+        spec: SqlGold,
+        silver: DeltaTable,
+        changes: pl.DataFrame,
+        correlation_ids: list[str],
     ) -> GoldResult:
         """Recompute the windows ``changes`` touched and replace them."""
         silver_version = silver.version()
@@ -458,7 +472,7 @@ class GoldRefresher:
                 f"{spec.every} event-time window (e.g. date_trunc of {contract.event_time!r}); "
                 f"got {strays[spec.window_column][0]}"
             )
-        marker = commit_marker(GOLD_APP_ID, silver_version)
+        marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
         if gold is None or touched.is_empty():
             append(
                 self._store.uri("gold", spec.name),
@@ -477,9 +491,7 @@ class GoldRefresher:
             )
             sync_latest_commit(gold)
         self._crash.reached("after_gold_commit")
-        outcome = GoldResult(spec.name, silver_version, touched.len())
-        log.info("gold.refreshed", **outcome.__dict__)
-        return outcome
+        return GoldResult(spec.name, silver_version, touched.len())
 
     def _latest_upserts(
         self,

@@ -38,6 +38,8 @@ from delta_processing.tables import (
     append,
     commit_marker,
     consumed_version,
+    correlation_ids_between,
+    correlation_metadata,
     ensure_table,
     merge,
     read_changes,
@@ -268,13 +270,14 @@ class SilverPromoter:
             fresh = batch.since(batch.quarantined, _next_version(consumed["quarantine"]))
             self._write_quarantine(source, fresh, end)
         upserted = 0
+        correlation_ids = correlation_ids_between(bronze, start, end)
         if _next_version(consumed["silver"]) <= end:
             rows = batch.silver_rows(schema, _next_version(consumed["silver"]))
             upserted = rows.height
-            self._merge_silver(silver, rows, contract, end)
+            self._merge_silver(silver, rows, contract, end, correlation_ids)
         to_quarantine = batch.quarantined
         result = SilverResult(source, end, changes.height, upserted, to_quarantine.height)
-        log.info("silver.promoted", **result.__dict__)
+        log.info("silver.promoted", **result.__dict__, correlation_ids=correlation_ids)
         return result
 
     def _write_quality(self, contract: SourceContract, end: int, quality: BatchQuality) -> None:
@@ -301,8 +304,11 @@ class SilverPromoter:
         rows: pl.DataFrame,
         contract: SourceContract,
         bronze_version: int,
+        correlation_ids: list[str],
     ) -> None:
-        marker = commit_marker(SILVER_APP_ID, bronze_version)
+        marker = commit_marker(
+            SILVER_APP_ID, bronze_version, **correlation_metadata(correlation_ids)
+        )
         evolve = contract.evolution == "add"
         if evolve:  # columns added by earlier batches but absent from this one
             missing = [c for c in table_columns(silver) if c not in rows.columns]

@@ -352,6 +352,33 @@ def marked_versions(table: DeltaTable, after: int, *marks: str) -> dict[str, set
     return found
 
 
+CORRELATION_IDS = "lakehouse.correlation_ids"
+# Commit metadata is read with every history scan: a backlog's thousands of request ids
+# would bloat it, so a commit names at most this many (the log lines name them all).
+MAX_COMMITTED_IDS = 100
+
+
+def correlation_ids_between(table: DeltaTable, start: int, end: int) -> list[str]:
+    """The request correlation ids recorded by the commits ``start..end`` of ``table``.
+
+    Each stage records the ids of the input it consumed, so a request can be followed
+    from its landing file through bronze, silver and gold commits and log lines.
+    """
+    newer = table.version() - start + 1
+    if newer <= 0:
+        return []
+    found: list[str] = []
+    for entry in sorted(table.history(newer), key=lambda e: int(e["version"])):
+        if start <= int(entry["version"]) <= end and CORRELATION_IDS in entry:
+            found.extend(json.loads(str(entry[CORRELATION_IDS])))
+    return list(dict.fromkeys(found))
+
+
+def correlation_metadata(ids: list[str]) -> dict[str, str]:
+    """Commit metadata naming the requests a commit carries (capped)."""
+    return {CORRELATION_IDS: json.dumps(ids[:MAX_COMMITTED_IDS])} if ids else {}
+
+
 def key_predicate(keys: list[str]) -> str:
     """MERGE predicate joining source ``s`` to target ``t`` on ``keys``."""
     return " AND ".join(f't."{key}" = s."{key}"' for key in keys)
