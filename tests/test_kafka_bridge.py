@@ -447,6 +447,55 @@ def test_failing_landing_writes_commit_nothing_and_are_retried(
     assert sorted(landed(data_dir, "diskfull")["i"].cast(pl.Int64)) == list(range(15))
 
 
+class FlakyWriter(LandingWriter):
+    """Fails its ``fail_at``-th write once (full disk), and records what it landed, in order."""
+
+    def __init__(self, layout: LandingLayout, fail_at: int) -> None:
+        super().__init__(layout)
+        self.fail_at = fail_at
+        self.calls = 0
+        self.landed: list[pl.DataFrame] = []
+
+    def write_frame(
+        self, source: str, frame: pl.DataFrame, *, batch_id: str | None = None
+    ) -> LandingReceipt:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise LandingWriteError(errno.ENOSPC, "No space left on device")
+        receipt = super().write_frame(source, frame, batch_id=batch_id)
+        self.landed.append(frame)
+        return receipt
+
+
+def test_a_backlog_lands_in_order_through_a_failing_write(
+    broker: TansuBroker, data_dir: Path
+) -> None:
+    # Many small batches of a backlog: while one is landed the next ones are already
+    # consumed and being prepared. A write failing in the middle must hold back every
+    # later batch until it lands: per partition, files hold ever higher offsets.
+    topic = "pipelined"
+    broker.create_topic(topic, partitions=2)
+    total = 3000
+    broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": i % 2} for i in range(total)])
+    writer = FlakyWriter(LandingLayout(data_dir), fail_at=4)
+    config = _config(broker, "g-pipelined", topics=[topic], batch_max_messages=100)
+    with running(config, data_dir, writer=writer) as bridge:
+        wait_until(lambda: _count(data_dir, topic) == total, timeout=60)
+        wait_until(
+            lambda: broker.committed("g-pipelined", topic, 2) == {0: total // 2, 1: total // 2},
+            timeout=10,
+        )
+        assert bridge.write_failures == 1 and not bridge.is_paused
+    frame = landed(data_dir, topic)
+    assert frame.height == total  # each exactly once: nothing lost, nothing repeated
+    assert sorted(frame["i"].cast(pl.Int64)) == list(range(total))
+    last = {"0": -1, "1": -1}
+    for batch in writer.landed:
+        for partition, offset in batch.select("kafka_partition", "kafka_offset").iter_rows():
+            assert int(offset) > last[partition]
+            last[partition] = int(offset)
+
+
 # ------------------------------------------------------ rebalance: revoke path
 
 
