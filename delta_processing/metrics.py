@@ -64,6 +64,12 @@ class PipelineMetrics(Collector):
             ["source"],
             registry=None,
         )
+        self.storage_unavailable = Counter(
+            "lakehouse_storage_unavailable",
+            "Processing cycles ended early because the table storage could not be reached "
+            "(retried with back-off; no input is given up).",
+            registry=None,
+        )
         self.end_to_end = Histogram(
             "lakehouse_end_to_end_seconds",
             "From a landing file being written (the writer's acknowledgement) to its rows "
@@ -106,6 +112,7 @@ class PipelineMetrics(Collector):
             self.quality_rows,
             self.quarantined_files,
             self.stage_failures,
+            self.storage_unavailable,
             self.end_to_end,
             self.maintenance_runs,
             self.housekeeping_seconds,

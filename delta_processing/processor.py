@@ -177,6 +177,7 @@ class Processor:
                             "processor.storage_unavailable", source=source, error=brief(exc)
                         )
                         report.storage_unavailable = True
+                        self.metrics.storage_unavailable.inc()
                         return report
                     # Polars/deltalake panics are BaseExceptions: a bad source must
                     # not kill the processor or starve the others.

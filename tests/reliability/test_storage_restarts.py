@@ -279,6 +279,13 @@ def test_bronze_retries_a_storage_outage_without_giving_up_the_claim(
         assert len(report.failures) == 1 and "Connection refused" in report.failures[0]
         assert [seq for seq, _ in layout.inflight_batches("readings")] == [2]
     assert not layout.quarantine_files_dir("readings").exists()
+    outages = [
+        sample.value
+        for metric in processor.metrics.storage_unavailable.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    ]
+    assert outages == [MAX_CLAIM_ATTEMPTS + 1]
 
     outage.clear()  # the store is back: the claim goes through, once
     report = processor.run_cycle()
