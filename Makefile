@@ -56,7 +56,7 @@ lint: $(STAMP)
 # >= 1200 schemathesis cases, 500 examples per parser property (`make test` runs them short).
 reliability: $(STAMP) system-deps
 	LAKEHOUSE_RELIABILITY_KILLS=60 LAKEHOUSE_RELIABILITY_RESTARTS=4 \
-	LAKEHOUSE_RELIABILITY_CASES=1200 LAKEHOUSE_RELIABILITY_EXAMPLES=500 \
+	LAKEHOUSE_RELIABILITY_CASES=1200 LAKEHOUSE_RELIABILITY_EXAMPLES=500 LAKEHOUSE_RELIABILITY_OUTAGE_S=15 \
 	$(BIN)/pytest -q -m reliability tests/reliability
 
 bench: $(STAMP)
