@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
+from starlette.types import Receive, Scope, Send
 
 from api import (
     admin,
@@ -22,9 +23,10 @@ from api import (
     tables,
     ui,
 )
-from api.body_limit import BodyLimitMiddleware
+from api.body_limit import INGEST_PREFIX, BodyLimitMiddleware
 from api.context import ApiContext
 from api.errors import install_error_handlers
+from api.ingest_endpoint import IngestEndpoint
 from api.metrics import ApiMetrics
 from api.observability import ObservabilityMiddleware
 from api.rate_limit import RateLimiter, RateLimitHeadersMiddleware
@@ -40,12 +42,42 @@ from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
 
 
+class LakehouseApp(FastAPI):
+    """The FastAPI app, except that ``POST /v1/ingest/...`` goes straight to the lean
+    :class:`api.ingest_endpoint.IngestEndpoint`, before FastAPI's middleware stack
+    (the FastAPI route stays declared: it documents the endpoint at ``/docs``)."""
+
+    ingest_endpoint: IngestEndpoint | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Dispatch one ASGI connection (see the class docstring)."""
+        endpoint = self.ingest_endpoint
+        if endpoint is not None and scope["type"] == "http" and scope["method"] == "POST":
+            path = route_path(scope)
+            if path.startswith(INGEST_PREFIX):
+                await endpoint(scope, receive, send, path)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def route_path(scope: Scope) -> str:
+    """The request path the routes match (without the root path), as Starlette reads it."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        if path == root:
+            return ""
+        if path[len(root)] == "/":
+            return path[len(root) :]
+    return path
+
+
 def create_app(
     settings: Settings,
     contracts: ContractRegistry | None = None,
     collectors: Sequence[Collector] = (),
     operations: OperationRunner | None = None,
-) -> FastAPI:
+) -> LakehouseApp:
     """Build the API for ``settings`` (contracts default to those the settings point at).
 
     ``collectors`` add to ``/metrics`` (e.g. the processor and bridges running in
@@ -67,7 +99,7 @@ def create_app(
         if group_commit is not None:  # requests are drained by now; let their writes end
             group_commit.close()
 
-    app = FastAPI(
+    app = LakehouseApp(
         title="Lakehouse ingestion API",
         version="0.1.0",
         description="POST records into the landing zone; query gold with DuckDB SQL.",
@@ -101,6 +133,7 @@ def create_app(
     for collector in (api_metrics, BacklogCollector(LandingLayout(settings.data_dir)), *collectors):
         app.state.metrics.register(collector)
     app.state.rate_limiter = RateLimiter.from_settings(settings)
+    app.ingest_endpoint = IngestEndpoint(app.state.context, app.state.rate_limiter)
     install_error_handlers(app)
     app.add_middleware(RateLimitHeadersMiddleware)  # X-RateLimit-* left by api.rate_limit
     app.add_middleware(BodyLimitMiddleware, ingest_max_bytes=settings.max_body_bytes)

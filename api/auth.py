@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.context import ApiContext, get_context
 from api.errors import ApiError
-from api.tokens import TokenRecord
+from api.tokens import TokenRecord, TokenStore
 
 _bearer = HTTPBearer(auto_error=False, description="Token from `lakehouse tokens create`.")
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -41,9 +41,27 @@ async def authenticated(
 ) -> TokenRecord:
     """The caller's token record; 401 when the token is missing, unknown, expired or revoked."""
     client = request.client.host if request.client else "unknown"
-    path = request.url.path
+    secret = None if credentials is None else credentials.credentials
+    return await token_of(secret, context.tokens, client, request.url.path)
+
+
+def bearer_secret(authorization: str | None) -> str | None:
+    """The secret of an ``Authorization: Bearer <secret>`` header value, read the way
+    :class:`fastapi.security.HTTPBearer` reads it; ``None`` if there is none."""
+    if not authorization:
+        return None
+    scheme, _, secret = authorization.partition(" ")
+    secret = secret.strip()
+    if not scheme or not secret or scheme.lower() != "bearer":
+        return None
+    return secret
+
+
+async def token_of(secret: str | None, store: TokenStore, client: str, path: str) -> TokenRecord:
+    """The record of the bearer ``secret`` presented by ``client`` for ``path``; 401 (logged)
+    when it is missing, unknown, expired or revoked."""
     _request_origin.set((client, path))
-    if credentials is None or credentials.scheme.lower() != "bearer":
+    if secret is None:
         auth_failed("missing", "unknown", client, path)
         raise ApiError(
             401,
@@ -51,8 +69,7 @@ async def authenticated(
             "missing bearer token (Authorization: Bearer <token>)",
             headers=_CHALLENGE,
         )
-    store = context.tokens
-    verdict = store.check(credentials.credentials)  # a stat and a few hash compares
+    verdict = store.check(secret)  # a stat and a few hash compares
     if verdict.record is None or not verdict.accepted:
         name = verdict.record.name if verdict.record else "unknown"
         auth_failed(verdict.refusal or "invalid", name, client, path)

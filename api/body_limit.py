@@ -33,7 +33,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await _reject(send, limit)
+            await reject_too_large(send, limit)
             return
         received = 0
         started = rejected = False
@@ -48,7 +48,7 @@ class BodyLimitMiddleware:
                 if received > limit and not started:
                     # Answer now; the app sees a disconnect and stops reading.
                     rejected = True
-                    await _reject(send, limit)
+                    await reject_too_large(send, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -62,7 +62,8 @@ class BodyLimitMiddleware:
         await self.app(scope, counting_receive, guarded_send)
 
 
-async def _reject(send: Send, limit: int) -> None:
+async def reject_too_large(send: Send, limit: int) -> None:
+    """Answer 413 for a body over ``limit`` bytes (and close the connection)."""
     body = json.dumps(
         {
             "error": {

@@ -25,6 +25,8 @@ class ApiMetrics(Collector):
     """Requests by route and status, and what ingestion accepted per source."""
 
     def __init__(self) -> None:
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
         self.requests = Counter(
             "lakehouse_http_requests",
             "HTTP requests answered, by method, route template and status.",
@@ -62,6 +64,19 @@ class ApiMetrics(Collector):
             ["source"],
             registry=None,
         )
+
+    def count_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One answered request (``method`` already one of the known ones)."""
+        # The labelled children are cached: looking them up costs more than counting.
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(method, route, str(status))
+        latency = self._latency_children.get(route)
+        if latency is None:
+            latency = self._latency_children[route] = self.latency.labels(route)
+        child.inc()
+        latency.observe(seconds)
 
     def collect(self) -> Iterator[Metric]:
         """All of the API's metrics."""

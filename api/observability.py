@@ -9,9 +9,9 @@ request produced, so the processing of that batch can be traced back to it.
 
 from __future__ import annotations
 
+import random
 import re
 import time
-import uuid
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +23,7 @@ HEADER = "x-correlation-id"
 # client cannot create new time series at will.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _VALID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+UNMATCHED = "<unmatched>"  # the route label of a request answered before routing
 
 log = structlog.get_logger("api.access")
 
@@ -31,7 +32,9 @@ def correlation_id(presented: str | None) -> str:
     """The client's id if it is 1-128 characters of ``[A-Za-z0-9._:-]``, else a new one."""
     if presented and _VALID.fullmatch(presented):
         return presented
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex at a fifth of the cost (no system
+    # call); the generator is seeded from the OS per process and reseeded after a fork.
+    return f"{random.getrandbits(128):032x}"
 
 
 class ObservabilityMiddleware:
@@ -68,18 +71,22 @@ class ObservabilityMiddleware:
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                elapsed = time.perf_counter() - started
-                route = getattr(scope.get("route"), "path", "<unmatched>")
-                method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-                self.metrics.requests.labels(method, route, str(status)).inc()
-                self.metrics.latency.labels(route).observe(elapsed)
-                client = scope.get("client")
-                log.info(
-                    "http.request",
-                    method=scope["method"],
-                    path=scope["path"],
-                    route=route,
-                    status=status,
-                    duration_ms=round(elapsed * 1000, 2),
-                    client=client[0] if client else None,
-                )
+                route = getattr(scope.get("route"), "path", UNMATCHED)
+                observe(self.metrics, scope, route, status, started)
+
+
+def observe(metrics: ApiMetrics, scope: Scope, route: str, status: int, started: float) -> None:
+    """Count and log one answered request (``started``: its ``time.perf_counter()``)."""
+    elapsed = time.perf_counter() - started
+    method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+    metrics.count_request(method, route, status, elapsed)
+    client = scope.get("client")
+    log.info(
+        "http.request",
+        method=scope["method"],
+        path=scope["path"],
+        route=route,
+        status=status,
+        duration_ms=round(elapsed * 1000, 2),
+        client=client[0] if client else None,
+    )

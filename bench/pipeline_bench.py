@@ -9,7 +9,8 @@ and the ratio lakehouse / baseline:
 
 1. **API ingestion** over real HTTP: ``lakehouse api`` (uvicorn subprocess) versus
    ``bench/bare_asgi.py`` (raw ASGI: read the body, write a new file, fsync it and
-   its directory, 202) served by the same uvicorn, under the same load of NDJSON
+   its directory, 202) served by the same uvicorn (``lakehouse api`` with
+   ``--workers 2``, as in production on 2 cores), under the same load of NDJSON
    readings batches (1, 100, 10,000 rows) from 1 and 8 concurrent keep-alive httpx
    clients (threads, a fixed number of requests per run).
 2. **Pipeline** landing -> bronze -> silver -> gold: ``Processor.run_once()`` over
@@ -59,6 +60,7 @@ RESULTS = BENCH_DIR / "results" / "latest.json"
 SOURCE = "readings"
 ROWS_PER_FILE = 10_000
 API_CLIENTS = (1, 8)
+API_WORKERS = 2  # `lakehouse api --workers 2`: the production configuration on 2 cores
 QUERY_REPEATS = 5  # executions per query run; a run's figure is their mean
 MAX_BODY_BYTES = 256 * 1024 * 1024
 CHILD_TIMEOUT_S = 1800.0
@@ -385,7 +387,7 @@ def bench_api(plan: Plan, workdir: Path) -> list[Figure]:
 
     servers: list[Server] = []
     try:
-        servers.append(start_lakehouse_api(workdir))
+        servers.append(start_lakehouse_api(workdir, API_WORKERS))
         servers.append(start_bare_asgi(workdir))
         for server in servers:
             wait_healthy(server)

@@ -17,13 +17,18 @@ import io
 import json
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import polars as pl
+import pyarrow as pa
 from polars.datatypes import DataTypeClass
 
+from landing_zone.sampled_ndjson import read_sampled_raw
+
 BatchFormat = Literal["json", "ndjson", "csv", "parquet"]
+# A record as it lands: field name -> raw string (JSON null -> None).
+RawRecord = dict[str, str | None]
 
 CONTENT_TYPES: dict[str, BatchFormat] = {
     "application/json": "json",
@@ -131,24 +136,96 @@ def decode_batch(data: bytes, fmt: BatchFormat) -> pl.DataFrame:
     """
     if fmt == "parquet":
         return _decode_parquet(data)
+    data = _text_body(data)
+    if fmt == "csv":
+        return _decode_csv(data)
+    record = _small_flat_record(data, fmt)
+    if record is not None:
+        return raw_frame([record])
+    if fmt == "ndjson":
+        return _decode_json_family(data, ndjson=True)
+    return _decode_json_family(data, ndjson=False)
+
+
+def decode_small_record(data: bytes, fmt: BatchFormat) -> RawRecord | None:
+    """The raw record :func:`decode_batch` makes of a small JSON or NDJSON body holding one
+    flat record (a device's reading), without building a frame (~25x cheaper); ``None``
+    for any other body (then call :func:`decode_batch`).
+
+    Raises :class:`MalformedBatch` exactly as :func:`decode_batch` would.
+    """
+    if fmt not in ("json", "ndjson"):
+        return None
+    data = _text_body(data)
+    record = _small_flat_record(data, fmt)
+    if not record or (b"\\" in data and _SURROGATE_ESCAPE.search(data)):
+        # No field (decode_batch makes an empty frame of it), or a surrogate escape,
+        # which only the frame construction judges (lone ones have no UTF-8 form).
+        return None
+    return {name: _raw_value(value) for name, value in record.items()}
+
+
+def decode_for_landing(data: bytes, fmt: BatchFormat) -> pl.DataFrame | pa.Table:
+    """:func:`decode_batch`'s records in the form cheapest to land: for large NDJSON,
+    the raw Arrow table (see :mod:`landing_zone.sampled_ndjson`), else the raw frame."""
+    if fmt == "ndjson":
+        text = _text_body(data)
+        # In decode_batch's order: small bodies may be read in Python, surrogate escapes
+        # always are.
+        if len(text) > SMALL_JSON_BYTES and not (b"\\" in text and _SURROGATE_ESCAPE.search(text)):
+            table = read_sampled_raw(text)
+            if table is not None:
+                return table
+    return decode_batch(data, fmt)
+
+
+def raw_table(records: Sequence[RawRecord]) -> pa.Table:
+    """Raw records as an Arrow table of string columns, as :func:`decode_batch` would frame
+    them: columns in order of first appearance, absent fields null. Each record needs a
+    field (a table without columns has no rows)."""
+    columns: dict[str, list[str | None]] = {}
+    for index, record in enumerate(records):
+        if not record:
+            raise ValueError("a raw record needs at least one field")
+        for name, value in record.items():
+            column = columns.get(name)
+            if column is None:
+                column = columns[name] = [None] * index
+            column.append(value)
+        for column in columns.values():
+            if len(column) == index:
+                column.append(None)
+    return pa.table({name: pa.array(values, pa.large_string()) for name, values in columns.items()})
+
+
+def _text_body(data: bytes) -> bytes:
+    """A text body without its byte order mark; MalformedBatch if it holds nothing."""
     if data.startswith(_BOM):
         data = data[len(_BOM) :]  # a UTF-8 byte order mark is accepted, in every text format
     if not data.strip():
         raise MalformedBatch("empty body: expected at least one record")
-    if fmt == "csv":
-        return _decode_csv(data)
-    if fmt in ("json", "ndjson") and len(data) <= SMALL_JSON_BYTES:
-        # One small flat record (a device's reading): parsing in Python is ~6x cheaper
-        # than starting a Polars reader, and with a single record of scalars there is no
-        # type unification, so the raw strings are exactly the ones the Polars path makes.
-        records = _ndjson_records(data) if fmt == "ndjson" else _json_records(data)
-        if len(records) == 1 and not any(
-            isinstance(value, dict | list) for value in records[0].values()
-        ):
-            return _raw_frame(records)
-    if fmt == "ndjson":
-        return _decode_json_family(data, ndjson=True)
-    return _decode_json_family(data, ndjson=False)
+    return data
+
+
+def _small_flat_record(data: bytes, fmt: BatchFormat) -> dict[str, object] | None:
+    """The record of a small JSON/NDJSON body holding one record of scalars, else ``None``.
+
+    Parsing that in Python is ~6x cheaper than starting a Polars reader, and with a
+    single record of scalars there is no type unification, so the raw strings are
+    exactly the ones the Polars path makes.
+    """
+    if fmt not in ("json", "ndjson") or len(data) > SMALL_JSON_BYTES:
+        return None
+    records = _ndjson_records(data) if fmt == "ndjson" else _json_records(data)
+    if len(records) == 1 and not any(isinstance(v, dict | list) for v in records[0].values()):
+        return records[0]
+    return None
+
+
+def _frame_of(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def read_batch_file(raw: bytes, name: str, max_bytes: int) -> pl.DataFrame:
@@ -162,8 +239,11 @@ def read_batch_file(raw: bytes, name: str, max_bytes: int) -> pl.DataFrame:
 def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
     reader = pl.read_ndjson if ndjson else pl.read_json
     try:
-        if _SURROGATE_ESCAPE.search(data):
+        if b"\\" in data and _SURROGATE_ESCAPE.search(data):  # `in` (memchr): a fast first look
             raise ValueError("surrogate escapes: parsed in Python")
+        sampled = read_sampled_raw(data) if ndjson else None
+        if sampled is not None:  # raw already, and checked as below
+            return _frame_of(sampled)
         frame = reader(io.BytesIO(data), infer_schema_length=None)
         if not ndjson and not _booleans_kept(data, frame):
             raise ValueError("read_json turned booleans into numbers")
@@ -176,7 +256,7 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
         # shapes (arrays mixing objects and numbers). Parse in Python: it either locates
         # the fault or yields records that we stringify ourselves.
         records = _ndjson_records(data) if ndjson else _json_records(data)
-    return _raw_frame(records)
+    return raw_frame(records)
 
 
 def _floats_exact(frame: pl.DataFrame) -> bool:
@@ -251,8 +331,9 @@ def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _raw_frame(records: list[dict[str, object]]) -> pl.DataFrame:
-    """Stringify parsed records the way :func:`to_raw_strings` does typed columns."""
+def raw_frame(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
+    """Stringify parsed records the way :func:`to_raw_strings` does typed columns (raw
+    records, already strings, as they are)."""
     columns: dict[str, list[str | None]] = {}
     for index, record in enumerate(records):
         for name, value in record.items():
@@ -396,11 +477,16 @@ __all__ = [
     "BatchFormat",
     "BatchTooLarge",
     "MalformedBatch",
+    "RawRecord",
     "UnsupportedFormat",
     "decode_batch",
+    "decode_for_landing",
+    "decode_small_record",
     "format_for_content_type",
     "format_for_filename",
     "gunzip",
+    "raw_frame",
+    "raw_table",
     "read_batch_file",
     "to_raw_strings",
 ]

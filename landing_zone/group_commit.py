@@ -9,10 +9,16 @@ How: per source, batches arriving while no write of that source is in flight
 are written at the next turn of the event loop (so a lone client waits for
 nothing but its own fsync). Batches arriving while a write is in flight gather
 in the next group, which is written as soon as that write finishes, after at most
-``window_s`` (then it is written beside the running one), or as soon as it holds
-``max_rows`` rows or ``max_bytes`` body bytes. A group is one
-:meth:`LandingWriter.write_frame` call (concatenation, Parquet encoding, one fsync,
-rename, directory fsync) on a worker thread; the event loop never blocks.
+``window_s`` (then it is written beside the running one, unless
+``max_concurrent_writes`` of the source run already: then it keeps growing until
+one of them finishes), or as soon as it holds ``max_rows`` rows or ``max_bytes``
+body bytes. A group is one :meth:`LandingWriter.write_table` call (concatenation,
+Parquet encoding, one fsync, rename, directory fsync) on a worker thread; the
+event loop never blocks.
+
+A batch is a raw frame or Arrow table, or a list of raw records (see
+:func:`landing_zone.formats.decode_small_record`: a single reading costs ~25x less
+to collect that way than as a frame of its own).
 
 Each batch learns the group's ``batch_id`` (the landing file's name) and its
 ``first_record``: the 0-based position of its first record in that file, which
@@ -22,12 +28,19 @@ holds the batches in arrival order.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import polars as pl
+import pyarrow as pa
 
+from landing_zone.formats import RawRecord, raw_frame, raw_table
 from landing_zone.writer import LandingReceipt, LandingWriter
+
+# What a request hands in: its raw frame or Arrow table, or its raw records.
+Batch: TypeAlias = pl.DataFrame | pa.Table | Sequence[RawRecord]
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,8 @@ class GroupReceipt:
 
 @dataclass
 class _Entry:
-    frame: pl.DataFrame
+    batch: Batch
+    rows: int
     correlation_id: str | None
     size: int
     future: asyncio.Future[GroupReceipt]
@@ -77,6 +91,7 @@ class GroupCommitter:
         self._max_bytes = max_bytes
         self._open: dict[str, _Group] = {}
         self._in_flight: dict[str, int] = {}
+        self._max_concurrent_writes = max_concurrent_writes
         self._executor = ThreadPoolExecutor(
             max_workers=max_concurrent_writes, thread_name_prefix="group-commit"
         )
@@ -84,9 +99,9 @@ class GroupCommitter:
         self.batches_written = 0
 
     async def submit(
-        self, source: str, frame: pl.DataFrame, correlation_id: str | None, size: int
+        self, source: str, batch: Batch, correlation_id: str | None, size: int
     ) -> GroupReceipt:
-        """Land ``frame`` in the next group of ``source``; returns once that file is durable.
+        """Land ``batch`` in the next group of ``source``; returns once that file is durable.
 
         Raises :class:`landing_zone.writer.LandingWriteError` if the group's file could not
         be written (nothing of the group is then visible).
@@ -96,8 +111,9 @@ class GroupCommitter:
         if group is None:
             group = self._open[source] = _Group()
         future: asyncio.Future[GroupReceipt] = loop.create_future()
-        group.entries.append(_Entry(frame, correlation_id, size, future))
-        group.rows += frame.height
+        rows = len(batch)
+        group.entries.append(_Entry(batch, rows, correlation_id, size, future))
+        group.rows += rows
         group.size += size
         if group.rows >= self._max_rows or group.size >= self._max_bytes:
             self._flush(source, group)
@@ -106,9 +122,15 @@ class GroupCommitter:
                 group.scheduled = True
                 loop.call_soon(self._flush, source, group)
         elif group.timer is None:
-            group.timer = loop.call_later(self._window_s, self._flush, source, group)
+            group.timer = loop.call_later(self._window_s, self._window_ended, source, group)
         # The write goes on even if this request is cancelled: others share the file.
         return await asyncio.shield(future)
+
+    def _window_ended(self, source: str, group: _Group) -> None:
+        if self._in_flight.get(source, 0) < self._max_concurrent_writes:
+            self._flush(source, group)
+        # Otherwise every writer is busy: the first to finish takes the group, grown
+        # meanwhile, instead of it queueing (and fsyncing) behind them on its own.
 
     def _flush(self, source: str, group: _Group) -> None:
         if self._open.get(source) is not group:
@@ -129,10 +151,8 @@ class GroupCommitter:
         task.add_done_callback(lambda done: self._finished(source, group, done))
 
     def _write(self, source: str, entries: list[_Entry]) -> LandingReceipt:
-        frames = [entry.frame for entry in entries]
-        frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
         ids = [entry.correlation_id for entry in entries if entry.correlation_id]
-        return self._writer.write_frame(source, frame, correlation_ids=ids)
+        return self._writer.write_table(source, _concatenated(entries), correlation_ids=ids)
 
     def _finished(self, source: str, group: _Group, done: asyncio.Future[LandingReceipt]) -> None:
         self._in_flight[source] -= 1
@@ -150,13 +170,13 @@ class GroupCommitter:
                         GroupReceipt(
                             receipt.batch_id,
                             source,
-                            entry.frame.height,
+                            entry.rows,
                             first,
                             receipt.records,
                             len(group.entries),
                         )
                     )
-                first += entry.frame.height
+                first += entry.rows
             self.groups_written += 1
             self.batches_written += len(group.entries)
         waiting = self._open.get(source)
@@ -166,3 +186,27 @@ class GroupCommitter:
     def close(self) -> None:
         """Stop the writer threads once the writes already handed to them are done."""
         self._executor.shutdown(wait=True)
+
+
+def _concatenated(entries: list[_Entry]) -> pl.DataFrame | pa.Table:
+    """The group's rows in arrival order; columns in order of first appearance, absent
+    values null (as ``pl.concat(how="diagonal_relaxed")`` does)."""
+    records: list[RawRecord] = []
+    for entry in entries:
+        if isinstance(entry.batch, pl.DataFrame | pa.Table):
+            break
+        records.extend(entry.batch)
+    else:
+        return raw_table(records)  # the common case: only small requests
+    frames = [_frame(entry.batch) for entry in entries]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+
+
+def _frame(batch: Batch) -> pl.DataFrame:
+    if isinstance(batch, pl.DataFrame):
+        return batch
+    if isinstance(batch, pa.Table):  # column names without NUL: Arrow's C interface holds them
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        return frame
+    return raw_frame(batch)

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 
@@ -97,6 +99,21 @@ def correlation_ids_of(content: bytes, name: str) -> list[str]:
     return [single] if single else []
 
 
+def _parquet_bytes(data: pl.DataFrame | pa.Table, metadata: dict[str, str] | None) -> memoryview:
+    """A landing file's content: zstd Parquet without statistics (nothing prunes a landing
+    file). Arrow tables (small requests' records, large NDJSON bodies) are written by
+    pyarrow without dictionaries (zstd shrinks repeats anyway): ~40% faster than the
+    Polars writer for 10,000 rows, ~5x for a few."""
+    buffer = io.BytesIO()
+    if isinstance(data, pl.DataFrame):  # Polars' own writer: it takes any column name
+        data.write_parquet(buffer, compression="zstd", statistics=False, metadata=metadata)
+        return buffer.getbuffer()
+    if metadata:
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}), **metadata})
+    pq.write_table(data, buffer, compression="zstd", write_statistics=False, use_dictionary=False)
+    return buffer.getbuffer()
+
+
 # Called with the function that publishes the fsynced temp file (rename + directory
 # fsync); it must call it exactly once, or raise to abandon the write (nothing visible).
 PublishGuard = Callable[[Callable[[], None]], None]
@@ -129,6 +146,27 @@ class LandingWriter:
         :data:`PublishGuard`), e.g. to make it atomic with an idempotency record.
         Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
         """
+        return self.write_table(
+            source,
+            frame,
+            batch_id=batch_id,
+            correlation_id=correlation_id,
+            correlation_ids=correlation_ids,
+            publish_guard=publish_guard,
+        )
+
+    def write_table(
+        self,
+        source: str,
+        table: pl.DataFrame | pa.Table,
+        *,
+        batch_id: str | None = None,
+        correlation_id: str | None = None,
+        correlation_ids: Sequence[str] = (),
+        publish_guard: PublishGuard | None = None,
+    ) -> LandingReceipt:
+        """:meth:`write_frame` for a frame or an Arrow table (such as
+        :func:`landing_zone.formats.raw_table` makes of small requests' records)."""
         final_dir = self._layout.source_dir(source)
         temp_dir = self._layout.temp_dir(source)
         metadata: dict[str, str] = {}
@@ -139,7 +177,7 @@ class LandingWriter:
         elif correlation_id:
             metadata[CORRELATION_KEY] = correlation_id
         return self._write(
-            source, frame, final_dir, temp_dir, batch_id, metadata or None, publish_guard
+            source, table, final_dir, temp_dir, batch_id, metadata or None, publish_guard
         )
 
     def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:
@@ -155,7 +193,7 @@ class LandingWriter:
     def _write(
         self,
         source: str,
-        frame: pl.DataFrame,
+        table: pl.DataFrame | pa.Table,
         final_dir: Path,
         temp_dir: Path,
         batch_id: str | None,
@@ -174,11 +212,9 @@ class LandingWriter:
         # writer's temp file must not collide with (or be removed by) the new one.
         temp_path = temp_dir / f"{batch_id}.{secrets.token_hex(4)}.parquet"
         final_path = final_dir / name
-        # Serialise first: Polars wraps I/O errors in its own exception types, and a
-        # disk-full error must reach the caller as the OSError it is.
-        buffer = io.BytesIO()
-        frame.write_parquet(buffer, compression="zstd", statistics=False, metadata=metadata)
-        payload = buffer.getbuffer()
+        # Serialise in memory first: a disk-full error must reach the caller as the
+        # OSError it is, not wrapped by the Parquet library.
+        payload = _parquet_bytes(table, metadata)
 
         renamed = False
 
@@ -208,7 +244,7 @@ class LandingWriter:
             raise LandingWriteError(
                 exc.errno, f"cannot write landing file for {source!r}: {exc.strerror}"
             ) from exc
-        return LandingReceipt(batch_id, source, final_path, frame.height, len(payload))
+        return LandingReceipt(batch_id, source, final_path, len(table), len(payload))
 
     def _ensure_dirs(self, final_dir: Path, temp_dir: Path) -> None:
         if final_dir in self._ready_dirs:

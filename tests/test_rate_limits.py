@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import math
 import time
@@ -18,7 +20,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from api import create_app
-from api.rate_limit import Bucket, Limit, RateLimiter, take
+from api.rate_limit import Bucket, Limit, RateLimiter, charge_ingest, take
 from api.tokens import TokenRecord, TokenStore
 from config.settings import Settings, load_settings
 from tests.conftest import Tokens
@@ -271,4 +273,31 @@ def test_per_request_cost_is_well_under_a_millisecond(tmp_path: Path) -> None:
     per_request = (time.perf_counter() - started) / n
     print(f"rate check: {per_request * 1e6:.1f} us per request")
     assert per_request < 0.5e-3
+    limiter.close()
+
+
+def test_a_busy_limiter_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
+    # A bucket of 1000 rows refilled at 0.01 row/s: no visible refill during the test.
+    limiter = RateLimiter(tmp_path / "ratelimits.sqlite", 0.01, None, 100_000)
+    token = TokenRecord(
+        name="t", scopes=["ingest:*"], sha256="0" * 64, created_at=datetime.now(UTC)
+    )
+    assert limiter.check(token, "readings", 1, 10) is not None  # opens the database
+
+    async def run(other: Any) -> Any:
+        check = asyncio.create_task(charge_ingest(limiter, token, "readings", rows=1, nbytes=10))
+        ticks = 0
+        for _ in range(10):  # the loop keeps running while the check waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 10 and not check.done()
+        fcntl.flock(other, fcntl.LOCK_UN)  # the other process's check ends
+        return await asyncio.wait_for(check, 10)
+
+    # Another process's check holds the lock (flock: per open file, so this open conflicts).
+    with open(limiter.path.with_suffix(".lock"), "ab") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        decision = asyncio.run(run(other))
+    assert decision is not None and decision.admitted
+    assert decision.headers["X-RateLimit-Remaining"] == "998"
     limiter.close()
