@@ -180,14 +180,27 @@ aggregates = ["count", "first", "last", "avg"]
 """
 
 
+def _meters_processor(settings: Settings, tmp_path: Path, contract: str) -> Processor:
+    directory = tmp_path / "contracts"
+    directory.mkdir()
+    (directory / "meters.toml").write_text(contract)
+    return Processor(settings, load_contracts(directory))
+
+
+def _assert_meters_gold_equals_recomputation(settings: Settings, tmp_path: Path) -> None:
+    contract = load_contracts(tmp_path / "contracts")["meters"]
+    silver = pl.read_delta(str(settings.data_dir / "silver" / "meters"))
+    for spec in contract.gold:
+        keys = ["meter", "window_start"] if spec.kind == "window" else ["meter"]
+        expected = gold_frame(silver, spec, contract).sort(keys)
+        gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
+        assert_frame_equal(gold, expected, check_exact=False)
+
+
 def test_groups_with_several_rows_per_instant_equal_recomputation(
     settings: Settings, tmp_path: Path
 ) -> None:
-    directory = tmp_path / "contracts"
-    directory.mkdir()
-    (directory / "meters.toml").write_text(WIDE_KEYS)
-    contracts = load_contracts(directory)
-    processor = Processor(settings, contracts)
+    processor = _meters_processor(settings, tmp_path, WIDE_KEYS)
     rng = random.Random(11)
     t0 = datetime(2026, 11, 20, tzinfo=UTC)
     for _step in range(5):
@@ -204,11 +217,7 @@ def test_groups_with_several_rows_per_instant_equal_recomputation(
         assert processor.run_once().failures == []
     silver = pl.read_delta(str(settings.data_dir / "silver" / "meters"))
     assert silver.select("meter", "at").is_duplicated().any()  # the case under test
-    for spec in contracts["meters"].gold:
-        keys = ["meter", "window_start"] if spec.kind == "window" else ["meter"]
-        expected = gold_frame(silver, spec, contracts["meters"]).sort(keys)
-        gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
-        assert_frame_equal(gold, expected, check_exact=False)
+    _assert_meters_gold_equals_recomputation(settings, tmp_path)
 
 
 NULLABLE_VALUE = """
@@ -250,11 +259,7 @@ def test_windows_that_gain_rows_equal_recomputation_also_with_null_values(
     settings: Settings, tmp_path: Path
 ) -> None:
     """Combined (count/sum/min/max) and recomputed (avg of a nullable value) windows."""
-    directory = tmp_path / "contracts"
-    directory.mkdir()
-    (directory / "meters.toml").write_text(NULLABLE_VALUE)
-    contracts = load_contracts(directory)
-    processor = Processor(settings, contracts)
+    processor = _meters_processor(settings, tmp_path, NULLABLE_VALUE)
     rng = random.Random(5)
     t0 = datetime(2026, 11, 20, tzinfo=UTC)
     minutes = list(range(0, 60 * 30, 7))
@@ -270,12 +275,7 @@ def test_windows_that_gain_rows_equal_recomputation_also_with_null_values(
         ]
         land_records(settings.data_dir, "meters", rows)
         assert processor.run_once().failures == []
-        silver = pl.read_delta(str(settings.data_dir / "silver" / "meters"))
-        for spec in contracts["meters"].gold:
-            keys = ["meter", "window_start"]
-            expected = gold_frame(silver, spec, contracts["meters"]).sort(keys)
-            gold = pl.read_delta(str(settings.data_dir / "gold" / spec.name)).sort(keys)
-            assert_frame_equal(gold, expected, check_exact=False)
+        _assert_meters_gold_equals_recomputation(settings, tmp_path)
 
 
 def _backlog_of_four_files(settings: Settings) -> None:
