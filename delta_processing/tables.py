@@ -398,17 +398,32 @@ def read_changes(
     return pl.DataFrame(pa.table(reader.read_all()))
 
 
+# Storage option names Polars reads as its own settings, with its own value types
+# (polars.io.cloud._utils.POLARS_STORAGE_CONFIG_KEYS, Polars 1.x-2.x).
+POLARS_STORAGE_OPTIONS = frozenset(
+    {
+        "file_cache_ttl",
+        "max_retries",
+        "retry_timeout_ms",
+        "retry_init_backoff_ms",
+        "retry_max_backoff_ms",
+        "retry_base_multiplier",
+    }
+)
+
+
 def read_snapshot(table: DeltaTable) -> pl.LazyFrame:
     """A lazy scan of the table at the version ``table`` is loaded at.
 
     Polars' own Delta scan cannot open %-escaped local paths (a data directory
-    with a space in its name) and reads storage options its own way (it wants a
-    number for ``max_retries``, which deltalake wants as text); such tables, and
-    every table on object storage, are scanned through deltalake's Arrow dataset.
+    with a space in its name), and takes some storage options as its own (it wants
+    a number for ``max_retries``, which deltalake wants as text); such tables are
+    scanned through deltalake's Arrow dataset instead (slower on object storage).
     """
     root = local_root(table)
     # Derived from the root alone: listing the files to look for escapes costs a pass
     # over the whole snapshot on every gold refresh.
-    if root is None or quote(str(root)) != str(root):
+    escaped = root is not None and quote(str(root)) != str(root)
+    if escaped or POLARS_STORAGE_OPTIONS & set(getattr(table, "_storage_options", None) or {}):
         return pl.scan_pyarrow_dataset(table.to_pyarrow_dataset())
     return pl.scan_delta(table)

@@ -63,7 +63,7 @@ from tests.reliability.chaos import (
     wait_in_silver,
 )
 
-RESTARTS = env_int("LAKEHOUSE_RELIABILITY_RESTARTS", 1)
+RESTARTS = env_int("LAKEHOUSE_RELIABILITY_STORAGE_RESTARTS", 1)
 OUTAGE_S = env_int("LAKEHOUSE_RELIABILITY_OUTAGE_S", 8)
 CONTAINER = "lakehouse"
 EMULATOR = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY, "use_emulator": "true"}
@@ -378,7 +378,11 @@ class Lake:
 def lake(data_dir: Path, tmp_path: Path, azurite: Azurite) -> Iterator[Lake]:
     env = {
         "LAKEHOUSE_STORAGE_URI": f"az://{CONTAINER}/lake",
-        "LAKEHOUSE_STORAGE_OPTIONS": json.dumps(azurite.storage_options),
+        # Bounded client waits, as production should set them (object_store's defaults
+        # let one request of a half-started store retry for minutes).
+        "LAKEHOUSE_STORAGE_OPTIONS": json.dumps(
+            {**azurite.storage_options, "timeout": "10s", "retry_timeout": "30s"}
+        ),
         **azurite.emulator_env(),
     }
     token = TokenStore(load_settings(data_dir=data_dir).tokens_file).create(
@@ -422,7 +426,7 @@ def _crash_the_store(lake: Lake) -> None:
 
 
 @pytest.mark.reliability
-@pytest.mark.timeout(180 + 60 * RESTARTS)
+@pytest.mark.timeout(240 + 150 * RESTARTS)
 def test_storage_restarts_under_load_lose_and_duplicate_nothing(lake: Lake) -> None:
     http = HttpLoad(Ids(), lake.base_url, lake.token)
     http.start()
@@ -431,7 +435,7 @@ def test_storage_restarts_under_load_lose_and_duplicate_nothing(lake: Lake) -> N
         for _restart in range(RESTARTS):
             # Some data all the way through first: the outage meets live tables.
             time.sleep(2)
-            assert not wait_in_silver(lake.data_dir, set(http.acked), 60, lake.tables)
+            assert not wait_in_silver(lake.data_dir, set(http.acked), 120, lake.tables)
             _crash_the_store(lake)
             down_at = time.monotonic()
             time.sleep(OUTAGE_S)  # the processor meets a store refusing connections
