@@ -35,8 +35,9 @@ from delta_processing.tables import (
     TableStore,
     append,
     commit_marker,
+    commits_after,
     consumed_version,
-    correlation_ids_between,
+    correlation_ids_in,
     correlation_metadata,
     ensure_table,
     marked_versions,
@@ -303,18 +304,22 @@ class GoldRefresher:
             return []
         silver_version = silver.version()
         results = []
-        # Gold tables usually agree on where they stand: read each change set once.
-        changes_since: dict[int | None, tuple[pl.DataFrame, list[str]]] = {}
+        # Gold tables usually agree on where they stand: read each history and change
+        # set once.
+        history: dict[int | None, tuple[dict[str, set[int]], list[str]]] = {}
+        changes_since: dict[int | None, pl.DataFrame] = {}
         for spec in contract.gold:
             done = consumed_version(self._store.open("gold", spec.name), GOLD_APP_ID)
             if done is not None and done >= silver_version:
                 continue
-            # One read of silver's recent history: rebuilds and retention deletes since `done`.
-            marks = (
-                marked_versions(silver, done, REFRESH_MARK, RETENTION_MARK)
-                if done is not None
-                else {}
-            )
+            if done not in history:
+                # Rebuilds, retention deletes and the requests behind the rows since `done`.
+                commits = commits_after(silver, done) if done is not None else []
+                history[done] = (
+                    marked_versions(commits, REFRESH_MARK, RETENTION_MARK),
+                    correlation_ids_in(commits),
+                )
+            marks, correlation_ids = history[done]
             if marks.get(REFRESH_MARK):
                 # Silver was rebuilt: its change feed across the rewrite is not a diff.
                 results.append(rebuild_gold(self._store, contract, spec, silver))
@@ -323,13 +328,8 @@ class GoldRefresher:
             if done not in changes_since:
                 expired = marks.get(RETENTION_MARK, set())
                 columns = gold_inputs(contract)
-                changes_since[done] = (
-                    _silver_changes(silver, done, expired, columns),
-                    []
-                    if done is None
-                    else correlation_ids_between(silver, done + 1, silver_version),
-                )
-            changes, correlation_ids = changes_since[done]
+                changes_since[done] = _silver_changes(silver, done, expired, columns)
+            changes = changes_since[done]
             if isinstance(spec, SqlGold):
                 result = self._refresh_sql(contract, spec, silver, changes, correlation_ids)
             else:

@@ -37,8 +37,9 @@ from delta_processing.tables import (
     TableStore,
     append,
     commit_marker,
+    commits_after,
     consumed_version,
-    correlation_ids_between,
+    correlation_ids_in,
     correlation_metadata,
     ensure_table,
     merge,
@@ -270,7 +271,8 @@ class SilverPromoter:
             fresh = batch.since(batch.quarantined, _next_version(consumed["quarantine"]))
             self._write_quarantine(source, fresh, end)
         upserted = 0
-        correlation_ids = correlation_ids_between(bronze, start, end)
+        consumed_commits = [c for c in commits_after(bronze, start - 1) if int(c["version"]) <= end]
+        correlation_ids = correlation_ids_in(consumed_commits)
         if _next_version(consumed["silver"]) <= end:
             rows = batch.silver_rows(schema, _next_version(consumed["silver"]))
             upserted = rows.height

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote
 
 import polars as pl
@@ -334,22 +334,22 @@ def merge(
 REFRESH_MARK = "lakehouse.refresh"
 
 
-def marked_versions(table: DeltaTable, after: int, *marks: str) -> dict[str, set[int]]:
-    """For each of ``marks``: the versions after ``after`` whose commit metadata carries it.
+def commits_after(table: DeltaTable, after: int) -> list[dict[str, Any]]:
+    """The history entries of ``table``'s commits after version ``after``, oldest first.
 
-    One read of the table's recent history, however many marks are asked for.
+    One read of the table's recent history; :func:`marked_versions` and
+    :func:`correlation_ids_in` then look through it.
     """
-    found: dict[str, set[int]] = {mark: set() for mark in marks}
     newer = table.version() - after
     if newer <= 0:
-        return found
-    for entry in table.history(newer):
-        version = int(entry["version"])
-        if version > after:
-            for mark in marks:
-                if mark in entry:
-                    found[mark].add(version)
-    return found
+        return []
+    entries = (entry for entry in table.history(newer) if int(entry["version"]) > after)
+    return sorted(entries, key=lambda entry: int(entry["version"]))
+
+
+def marked_versions(commits: list[dict[str, Any]], *marks: str) -> dict[str, set[int]]:
+    """For each of ``marks``: the versions of ``commits`` whose commit metadata carries it."""
+    return {mark: {int(entry["version"]) for entry in commits if mark in entry} for mark in marks}
 
 
 CORRELATION_IDS = "lakehouse.correlation_ids"
@@ -358,18 +358,15 @@ CORRELATION_IDS = "lakehouse.correlation_ids"
 MAX_COMMITTED_IDS = 100
 
 
-def correlation_ids_between(table: DeltaTable, start: int, end: int) -> list[str]:
-    """The request correlation ids recorded by the commits ``start..end`` of ``table``.
+def correlation_ids_in(commits: list[dict[str, Any]]) -> list[str]:
+    """The request correlation ids recorded by ``commits`` (see :func:`commits_after`).
 
     Each stage records the ids of the input it consumed, so a request can be followed
     from its landing file through bronze, silver and gold commits and log lines.
     """
-    newer = table.version() - start + 1
-    if newer <= 0:
-        return []
     found: list[str] = []
-    for entry in sorted(table.history(newer), key=lambda e: int(e["version"])):
-        if start <= int(entry["version"]) <= end and CORRELATION_IDS in entry:
+    for entry in commits:
+        if CORRELATION_IDS in entry:
             found.extend(json.loads(str(entry[CORRELATION_IDS])))
     return list(dict.fromkeys(found))
 
