@@ -357,9 +357,9 @@ class GoldRefresher:
         gold = ensure_table(self._store, "gold", spec.name, schema, cdf=False)
         marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
         if isinstance(spec, WindowGold):
-            upserts = self._window_upserts(contract, spec, silver, changes, schema)
+            upserts = self._window_upserts(contract, spec, silver, gold, changes, schema)
         else:
-            upserts = self._latest_upserts(contract, spec, silver, changes, schema)
+            upserts = self._latest_upserts(contract, spec, silver, gold, changes, schema)
         if upserts.is_empty():
             append(gold, upserts.drop(PRESENT), marker)
         else:
@@ -372,6 +372,7 @@ class GoldRefresher:
         contract: SourceContract,
         spec: WindowGold,
         silver: DeltaTable,
+        gold: DeltaTable,
         changes: pl.DataFrame,
         schema: pl.Schema,
     ) -> pl.DataFrame:
@@ -394,7 +395,7 @@ class GoldRefresher:
         disturbed = windowed.filter(~inserted).select(keys).unique()
         grown = windowed.filter(inserted).join(disturbed, on=keys, how="anti", nulls_equal=True)
         fresh = window_aggregates(grown, spec, contract, schema)
-        stored = self._stored_windows(spec, fresh.select(keys), schema)
+        stored = _stored_windows(gold, fresh.select(keys), schema)
         new_windows = fresh.join(stored, on=keys, how="anti", nulls_equal=True)
         if combinable(spec, contract):
             parts = [new_windows, combine_windows(stored, fresh, spec, keys, schema)]
@@ -406,22 +407,6 @@ class GoldRefresher:
         if not recompute.is_empty():
             parts.append(self._windows_recomputed(contract, spec, silver, recompute, schema))
         return pl.concat(parts)
-
-    def _stored_windows(
-        self, spec: WindowGold, windows: pl.DataFrame, schema: pl.Schema
-    ) -> pl.DataFrame:
-        """The rows gold holds for ``windows`` (group keys and ``window_start``)."""
-        gold = self._store.open("gold", spec.name)
-        if gold is None or windows.is_empty():
-            return pl.DataFrame(schema=schema)
-        low, high = windows["window_start"].min(), windows["window_start"].max()
-        return (
-            read_snapshot(gold)
-            .filter(pl.col("window_start").is_between(low, high))
-            .join(windows.lazy(), on=windows.columns, how="semi", nulls_equal=True)
-            .select([pl.col(n).cast(t) for n, t in schema.items()])
-            .collect()
-        )
 
     def _windows_recomputed(
         self,
@@ -498,6 +483,7 @@ class GoldRefresher:
         contract: SourceContract,
         spec: LatestGold,
         silver: DeltaTable,
+        gold: DeltaTable,
         changes: pl.DataFrame,
         schema: pl.Schema,
     ) -> pl.DataFrame:
@@ -526,13 +512,10 @@ class GoldRefresher:
             # A key changed in two commits: its later version. (One commit has one per key.)
             live = live.sort("_commit_version").unique(subset=contract.keys, keep="last")
         live = live.join(deleted, on=group_by, how="anti", nulls_equal=True)
-        gold = self._store.open("gold", spec.name)
         stored = (
             read_snapshot(gold)
             .join(live.select(group_by).unique().lazy(), on=group_by, how="semi", nulls_equal=True)
             .collect()
-            if gold is not None
-            else pl.DataFrame(schema=schema)
         )
         moved = latest_moves(stored, live, spec, contract.event_time).select(
             [pl.col(n).cast(t) for n, t in schema.items()] + [pl.lit(True).alias(PRESENT)]
@@ -561,6 +544,20 @@ class GoldRefresher:
         )
         fresh = latest_values(rows, spec, contract.event_time, schema)
         return _mark_presence(touched, fresh, list(spec.group_by), schema)
+
+
+def _stored_windows(gold: DeltaTable, windows: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+    """The rows ``gold`` holds for ``windows`` (group keys and ``window_start``)."""
+    if windows.is_empty():
+        return pl.DataFrame(schema=schema)
+    low, high = windows["window_start"].min(), windows["window_start"].max()
+    return (
+        read_snapshot(gold)
+        .filter(pl.col("window_start").is_between(low, high))
+        .join(windows.lazy(), on=windows.columns, how="semi", nulls_equal=True)
+        .select([pl.col(n).cast(t) for n, t in schema.items()])
+        .collect()
+    )
 
 
 def _silver_changes(
