@@ -183,19 +183,26 @@ def raw_table(records: Sequence[RawRecord]) -> pa.Table:
     """Raw records as an Arrow table of string columns, as :func:`decode_batch` would frame
     them: columns in order of first appearance, absent fields null. Each record needs a
     field (a table without columns has no rows)."""
-    columns: dict[str, list[str | None]] = {}
-    for index, record in enumerate(records):
-        if not record:
-            raise ValueError("a raw record needs at least one field")
-        for name, value in record.items():
-            column = columns.get(name)
-            if column is None:
-                column = columns[name] = [None] * index
-            column.append(value)
-        for column in columns.values():
-            if len(column) == index:
-                column.append(None)
+    if not all(records):
+        raise ValueError("a raw record needs at least one field")
+    columns = {name: [record.get(name) for record in records] for name in field_names(records)}
     return pa.table({name: pa.array(values, pa.large_string()) for name, values in columns.items()})
+
+
+def field_names(records: Sequence[Mapping[str, object]]) -> list[str]:
+    """Every field name of ``records``, in order of first appearance.
+
+    Consecutive records mostly share their fields, so only a change of shape is merged
+    in: frames are then built a column at a time instead of a record at a time.
+    """
+    names: dict[str, None] = {}
+    shape: object = None
+    for record in records:
+        keys = record.keys()
+        if keys != shape:
+            names.update(dict.fromkeys(keys))
+            shape = keys
+    return list(names)
 
 
 def _text_body(data: bytes) -> bytes:
@@ -334,14 +341,9 @@ def _kind(value: object) -> str:
 def raw_frame(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
     """Stringify parsed records the way :func:`to_raw_strings` does typed columns (raw
     records, already strings, as they are)."""
-    columns: dict[str, list[str | None]] = {}
-    for index, record in enumerate(records):
-        for name, value in record.items():
-            column = columns.setdefault(name, [None] * index)
-            column.append(_raw_value(value))
-        for column in columns.values():
-            if len(column) == index:
-                column.append(None)
+    columns = {
+        name: [_raw_value(record.get(name)) for record in records] for name in field_names(records)
+    }
     try:
         return pl.DataFrame(columns, schema=dict.fromkeys(columns, pl.String))
     except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate; UTF-8 cannot
@@ -482,6 +484,7 @@ __all__ = [
     "decode_batch",
     "decode_for_landing",
     "decode_small_record",
+    "field_names",
     "format_for_content_type",
     "format_for_filename",
     "gunzip",

@@ -28,6 +28,7 @@ import polars as pl
 from confluent_kafka import Message
 
 from landing_zone.formats import MalformedBatch, decode_batch
+from landing_zone.writer import DEAD_LETTER_COLUMNS
 
 ORIGIN = "kafka"
 KAFKA_LINEAGE_COLUMNS = (
@@ -40,7 +41,6 @@ KAFKA_LINEAGE_COLUMNS = (
     "kafka_headers",
 )
 RAW_PAYLOAD_COLUMNS = ("payload_base64", "payload_text")
-DEAD_LETTER_HEAD = ("origin", "topic", "payload_base64", "error", "received_at")
 
 PayloadFormat = Literal["json", "raw"]
 Position = tuple[str, int]
@@ -504,13 +504,12 @@ def _dead_letters(
             "error": [error for _, error in letters],
             "received_at": [received_at] * len(rows),
         },
-        schema=dict.fromkeys(DEAD_LETTER_HEAD, pl.String),
+        schema=dict.fromkeys(DEAD_LETTER_COLUMNS, pl.String),
     )
     return pl.concat([head, chosen], how="horizontal")
 
 
 __all__ = [
-    "DEAD_LETTER_HEAD",
     "KAFKA_LINEAGE_COLUMNS",
     "ORIGIN",
     "RAW_PAYLOAD_COLUMNS",

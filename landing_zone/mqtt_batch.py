@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import polars as pl
 import structlog
 
 from landing_zone.mqtt_topics import (
@@ -160,23 +159,6 @@ def dead_letter(payload: bytes, topic: str, received_at: datetime, error: str) -
     }
 
 
-def records_frame(rows: Sequence[Mapping[str, str | None]]) -> pl.DataFrame:
-    """Raw records as an all-String frame; fields missing from a record are null.
-
-    Columns come in order of first appearance. Built column by column: consecutive
-    records mostly share their fields, so the union of names is cheap to collect.
-    """
-    names: dict[str, None] = {}
-    shape: object = None
-    for row in rows:
-        keys = row.keys()
-        if keys != shape:
-            names.update(dict.fromkeys(keys))
-            shape = keys
-    columns = {name: [row.get(name) for row in rows] for name in names}
-    return pl.DataFrame(columns, schema=dict.fromkeys(names, pl.String))
-
-
 __all__ = [
     "TOPIC_MEMO_SIZE",
     "MappedBatch",
@@ -186,5 +168,4 @@ __all__ = [
     "TopicMapper",
     "dead_letter",
     "map_batch",
-    "records_frame",
 ]

@@ -48,7 +48,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from landing_zone.mqtt_batch import Received, TopicMapper, map_batch, records_frame
+from landing_zone.formats import raw_frame
+from landing_zone.mqtt_batch import Received, TopicMapper, map_batch
 from landing_zone.mqtt_topics import DEVICE_PATTERN, TopicPattern
 from landing_zone.writer import LandingWriteError, LandingWriter
 
@@ -549,7 +550,7 @@ class MqttBridge:
         try:
             for source, entries in mapped.sources.items():
                 try:
-                    receipt = self._writer.write_frame(source, records_frame(entries.records))
+                    receipt = self._writer.write_frame(source, raw_frame(entries.records))
                 except LandingWriteError:
                     raise
                 except Exception as exc:
@@ -565,7 +566,7 @@ class MqttBridge:
                 self.batches_written += 1
                 self.records_landed += receipt.records
             if letters:
-                self._writer.write_dead_letters(records_frame(letters))
+                self._writer.write_dead_letters(raw_frame(letters))
                 self.batches_written += 1
                 self.dead_letters += len(letters)
         except LandingWriteError as exc:

@@ -22,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from landing_zone.formats import raw_frame
 from landing_zone.layout import LandingLayout
-from landing_zone.mqtt_batch import Received, TopicMapper, map_batch, records_frame
+from landing_zone.mqtt_batch import Received, TopicMapper, map_batch
 from landing_zone.mqtt_bridge import MqttBridge, MqttBridgeConfig
 from landing_zone.mqtt_topics import (
     DEVICE_PATTERN,
@@ -222,7 +223,7 @@ def test_records_frame_is_all_string_in_order_of_first_appearance() -> None:
         {"c": "4"},
         {"a": None, "b": None},
     ]
-    frame = records_frame(rows)
+    frame = raw_frame(rows)
     assert frame.columns == ["a", "b", "c"]
     assert frame.schema == {"a": pl.String, "b": pl.String, "c": pl.String}
     assert frame.rows() == [("1", None, None), ("3", "2", None), (None, None, "4"),
