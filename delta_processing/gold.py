@@ -498,7 +498,12 @@ class GoldRefresher:
         if touched.is_empty() or not instant_is_unique(group_by, contract):
             return self._latest_recomputed(contract, spec, silver, touched, schema)
         change_type = pl.col("_change_type")
-        deleted = changes.filter(change_type == "delete").select(group_by).unique()
+        # A delete, or an update that can move a row to another instant (the event time
+        # is not a key), may take a group's latest row away: those groups are recomputed.
+        lost = change_type == "delete"
+        if contract.event_time not in contract.keys:
+            lost = lost | (change_type == "update_preimage")
+        deleted = changes.filter(lost).select(group_by).unique()
         event_time = pl.col(contract.event_time)
         live = changes.filter(
             change_type.is_in(["insert", "update_postimage"])

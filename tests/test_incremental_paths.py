@@ -319,3 +319,48 @@ def test_without_catch_up_gold_follows_every_micro_batch(data_dir: Path) -> None
     report = Processor(settings, load_contracts()).run_once()
     assert len(report.bronze) == 4
     assert len(report.gold) == 4 * 3
+
+
+LATEST_BY_KEY = """
+name = "meters"
+keys = ["meter"]
+event_time = "at"
+
+[[fields]]
+name = "meter"
+type = "string"
+
+[[fields]]
+name = "at"
+type = "timestamp"
+required = true
+
+[[fields]]
+name = "v"
+type = "float"
+required = true
+
+[[gold]]
+name = "meters_latest"
+kind = "latest"
+group_by = ["meter"]
+value = "v"
+"""
+
+
+def test_latest_follows_an_update_that_moves_a_key_back_in_time(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Event time outside the key: a correction can move the only row to an earlier instant."""
+    processor = _meters_processor(settings, tmp_path, LATEST_BY_KEY)
+    land_records(
+        settings.data_dir, "meters", [{"meter": "m", "at": "2026-11-20T00:10:00Z", "v": 1}]
+    )
+    processor.run_once()
+    land_records(
+        settings.data_dir, "meters", [{"meter": "m", "at": "2026-11-20T00:05:00Z", "v": 2}]
+    )
+    assert processor.run_once().failures == []
+    latest = pl.read_delta(str(settings.data_dir / "gold" / "meters_latest"))
+    assert latest.select("meter", "v").rows() == [("m", 2.0)]
+    _assert_meters_gold_equals_recomputation(settings, tmp_path)
