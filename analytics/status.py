@@ -189,7 +189,6 @@ def dead_letters(store: TableStore, keep: int = 20) -> list[dict[str, Any]]:
 
 def lakehouse_status(
     store: TableStore,
-    data_dir: Path,
     contracts: ContractRegistry,
     *,
     now: datetime | None = None,

@@ -30,11 +30,6 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _local_path(uri: str) -> str:
-    # file_uris() %-escapes spaces and other characters of the path.
-    return str(local_path(uri))
-
-
 _VERSIONS = "__lakehouse_versions"
 
 
@@ -56,7 +51,8 @@ def register_views(
         )
         plan = _fast_path_plan(snap) if fast_path and local_root(snap.table) is not None else None
         if plan is not None:
-            files = ", ".join(_literal(_local_path(uri)) for uri in snap.file_uris)
+            # file_uris() %-escapes spaces and other characters of the path.
+            files = ", ".join(_literal(str(local_path(uri))) for uri in snap.file_uris)
             options = ""
             if snap.partition_columns:
                 # Our partition columns (_ingest_date, _event_date) are dates DuckDB reads
@@ -153,7 +149,7 @@ def connect(
         # Remote tables are read through Arrow by deltalake, not by DuckDB: they need no
         # allowed path, and DuckDB keeps no network access.
         active = ", ".join(
-            _literal(_local_path(uri))
+            _literal(str(local_path(uri)))
             for snap in snapshots
             if local_root(snap.table) is not None
             for uri in snap.file_uris

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from api.auth import authenticated
 from api.context import ApiContext, get_context
-from api.ingestion import REPLAYED_HEADER, IngestAccepted, IngestRequest, accept
+from api.ingestion import REPLAYED_HEADER, ROUTE, IngestAccepted, IngestRequest, accept
 from api.rate_limit import STATE_KEY, RateLimiter
 from api.tokens import TokenRecord
 
@@ -22,7 +22,7 @@ router = APIRouter(tags=["ingest"])
 
 @router.post(
     # ":path" lets encoded slashes reach the name check (400) instead of missing the route.
-    "/v1/ingest/{source:path}",
+    ROUTE,
     status_code=202,
     response_model=IngestAccepted,
     responses={

@@ -21,7 +21,5 @@ async def status(
     """Pipeline, every table's freshness and size, bronze rows per minute, recent problems."""
     settings = context.settings
     return await run_in_threadpool(
-        lambda: lakehouse_status(
-            table_store(settings), settings.data_dir, context.contracts, minutes=minutes
-        )
+        lambda: lakehouse_status(table_store(settings), context.contracts, minutes=minutes)
     )

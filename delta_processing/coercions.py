@@ -188,11 +188,13 @@ _CANDIDATES: dict[FieldType, Callable[[pl.Expr], list[pl.Expr]]] = {
 def with_typed_columns(rows: pl.DataFrame, contract: SourceContract, suffix: str) -> pl.DataFrame:
     """``rows`` plus each contract field converted to its type, named ``<field><suffix>``.
 
-    The same values as :func:`typed_columns`; fields with several accepted spellings are
-    parsed by :func:`first_parse`, which reads a batch of one spelling in one pass.
+    Each field is parsed by its type's parser (``_parse``), except that fields with several
+    accepted spellings are parsed by :func:`first_parse`, which reads a batch of one
+    spelling in one pass, to the same values.
     """
     columns = rows.columns
     present = {c.lower() for c in columns}
+    # An absent field is a null literal, which the expression path broadcasts to every row.
     cascaded = [s for s in contract.fields if s.type in _CANDIDATES and s.name.lower() in present]
     out = rows.with_columns(
         _parse(spec, raw_column(spec.name, columns))
@@ -201,12 +203,14 @@ def with_typed_columns(rows: pl.DataFrame, contract: SourceContract, suffix: str
         for spec in contract.fields
         if spec not in cascaded
     )
-    for spec in cascaded:
-        raw = rows.select(raw_column(spec.name, columns).alias(spec.name))
-        candidates = _CANDIDATES[spec.type](pl.col(spec.name))
-        parsed = first_parse(raw, candidates, silver_dtype(spec))
-        out = out.with_columns(parsed.alias(f"{spec.name}{suffix}"))
-    return out
+    return out.with_columns(
+        first_parse(
+            rows.select(raw_column(spec.name, columns).alias(spec.name)),
+            _CANDIDATES[spec.type](pl.col(spec.name)),
+            silver_dtype(spec),
+        ).alias(f"{spec.name}{suffix}")
+        for spec in cascaded
+    )
 
 
 def first_parse(raw: pl.DataFrame, candidates: list[pl.Expr], dtype: pl.DataType) -> pl.Series:

@@ -137,7 +137,12 @@ def read_sorted(path: Path, keys: list[str]) -> pl.DataFrame:
     return pl.read_delta(str(path)).sort(keys)
 
 
-def land_records(data_dir: Path, source: str, rows: list[dict[str, object]]) -> str:
+def land_records(
+    data_dir: Path,
+    source: str,
+    rows: list[dict[str, object]],
+    correlation_id: str | None = None,
+) -> str:
     """Land ``rows`` for ``source`` as one NDJSON batch, as the API would; the file name."""
     from landing_zone.formats import decode_batch
     from landing_zone.layout import LandingLayout
@@ -145,6 +150,6 @@ def land_records(data_dir: Path, source: str, rows: list[dict[str, object]]) -> 
 
     body = b"\n".join(json.dumps(r).encode() for r in rows)
     receipt = LandingWriter(LandingLayout(data_dir)).write_frame(
-        source, decode_batch(body, "ndjson")
+        source, decode_batch(body, "ndjson"), correlation_id=correlation_id
     )
     return receipt.path.name

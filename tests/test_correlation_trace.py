@@ -11,18 +11,17 @@ from config.contracts import load_contracts
 from config.settings import Settings
 from delta_processing.processor import Processor
 from delta_processing.tables import CORRELATION_IDS, MAX_COMMITTED_IDS, correlation_metadata
-from landing_zone.formats import decode_batch
-from landing_zone.layout import LandingLayout
-from landing_zone.writer import LandingWriter
+from tests.helpers import land_records
 
 
 def _land(settings: Settings, minute: int, correlation_id: str) -> None:
-    body = json.dumps(
-        {"ts": f"2026-11-20T10:{minute:02d}:00Z", "device_id": "d1", "sensor": "t", "value": 1}
-    ).encode()
-    LandingWriter(LandingLayout(settings.data_dir)).write_frame(
-        "readings", decode_batch(body, "ndjson"), correlation_id=correlation_id
-    )
+    reading = {
+        "ts": f"2026-11-20T10:{minute:02d}:00Z",
+        "device_id": "d1",
+        "sensor": "t",
+        "value": 1,
+    }
+    land_records(settings.data_dir, "readings", [reading], correlation_id)
 
 
 def _committed_ids(settings: Settings, layer: str, name: str) -> list[str]:

@@ -83,11 +83,6 @@ def azurite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Azurite
         emulator.stop()
 
 
-def _closed_port() -> int:
-    """A loopback port nobody listens on (connection refused)."""
-    return free_port()
-
-
 def _error_of(action: Callable[[], object]) -> BaseException:
     try:
         action()
@@ -146,7 +141,7 @@ def test_what_deltalake_raises_in_an_outage_is_storage_unavailable(
     monkeypatch: pytest.MonkeyPatch, answering: Callable[[int], int]
 ) -> None:
     # Few retries: each case takes object_store's retry loop (the default is 10 retries).
-    refused = _open_error(monkeypatch, _closed_port(), max_retries="1")
+    refused = _open_error(monkeypatch, free_port(), max_retries="1")
     assert type(refused) is OSError and "Connection refused" in str(refused)
     assert is_storage_unavailable(refused)
     for status in (500, 503, 429, 403):
@@ -201,7 +196,7 @@ def test_an_unknown_error_is_an_outage_only_if_the_store_is_down(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     odd = RuntimeError("Already shut down")  # a deltalake panic seen with Azurite killed
-    outage = _open_error(monkeypatch, _closed_port(), max_retries="0")
+    outage = _open_error(monkeypatch, free_port(), max_retries="0")
 
     def probe_down() -> None:
         raise outage
@@ -264,7 +259,7 @@ def test_bronze_retries_a_storage_outage_without_giving_up_the_claim(
 
     def append_in_outage(*args: object, **kwargs: object) -> None:
         if outage.is_set():
-            monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", f"http://127.0.0.1:{_closed_port()}")
+            monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", f"http://127.0.0.1:{free_port()}")
         try:
             real_append(*args, **kwargs)  # type: ignore[arg-type]
         finally:
@@ -316,7 +311,7 @@ def test_the_processor_survives_housekeeping_on_a_dead_store(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Housekeeping listing tables on an unreachable store used to end ``run_forever``."""
-    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", f"http://127.0.0.1:{free_port()}")
     settings = load_settings(
         data_dir=data_dir,
         storage_uri=f"az://{CONTAINER}/lake",
