@@ -47,9 +47,8 @@ from landing_zone.formats import (
     MalformedBatch,
     RawRecord,
     UnsupportedFormat,
-    decode_batch,
     decode_for_landing,
-    decode_small_record,
+    decode_small,
     format_for_content_type,
     gunzip,
     raw_table,
@@ -179,8 +178,8 @@ async def _decoded(body: bytes, fmt: BatchFormat) -> Batch:
     a worker thread."""
     if len(body) > SMALL_JSON_BYTES:
         return await run_in_threadpool(decode_for_landing, body, fmt)
-    record = decode_small_record(body, fmt)  # a single reading: no frame needed
-    return [record] if record is not None else decode_batch(body, fmt)
+    decoded = decode_small(body, fmt)  # a single reading: no frame needed
+    return [decoded] if isinstance(decoded, dict) else decoded
 
 
 def _table(batch: Batch) -> pl.DataFrame | pa.Table:

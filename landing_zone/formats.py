@@ -134,6 +134,13 @@ def decode_batch(data: bytes, fmt: BatchFormat) -> pl.DataFrame:
 
     Raises :class:`MalformedBatch` naming the line or record at fault.
     """
+    decoded = decode_for_landing(data, fmt)
+    return decoded if isinstance(decoded, pl.DataFrame) else _frame_of(decoded)
+
+
+def decode_for_landing(data: bytes, fmt: BatchFormat) -> pl.DataFrame | pa.Table:
+    """:func:`decode_batch`'s records in the form cheapest to land: for large NDJSON,
+    the raw Arrow table (see :mod:`landing_zone.sampled_ndjson`), else the raw frame."""
     if fmt == "parquet":
         return _decode_parquet(data)
     data = _text_body(data)
@@ -142,41 +149,28 @@ def decode_batch(data: bytes, fmt: BatchFormat) -> pl.DataFrame:
     record = _small_flat_record(data, fmt)
     if record is not None:
         return raw_frame([record])
-    if fmt == "ndjson":
-        return _decode_json_family(data, ndjson=True)
-    return _decode_json_family(data, ndjson=False)
+    return _decode_json_family(data, ndjson=fmt == "ndjson")
 
 
-def decode_small_record(data: bytes, fmt: BatchFormat) -> RawRecord | None:
-    """The raw record :func:`decode_batch` makes of a small JSON or NDJSON body holding one
-    flat record (a device's reading), without building a frame (~25x cheaper); ``None``
-    for any other body (then call :func:`decode_batch`).
+def decode_small(data: bytes, fmt: BatchFormat) -> RawRecord | pl.DataFrame:
+    """:func:`decode_batch`'s records, parsed once; a small JSON or NDJSON body holding one
+    flat record (a device's reading) comes back as that raw record, without building a
+    frame (~25x cheaper).
 
     Raises :class:`MalformedBatch` exactly as :func:`decode_batch` would.
     """
     if fmt not in ("json", "ndjson"):
-        return None
+        return decode_batch(data, fmt)
     data = _text_body(data)
     record = _small_flat_record(data, fmt)
+    if record is None:
+        decoded = _decode_json_family(data, ndjson=fmt == "ndjson")
+        return decoded if isinstance(decoded, pl.DataFrame) else _frame_of(decoded)
     if not record or (b"\\" in data and _SURROGATE_ESCAPE.search(data)):
-        # No field (decode_batch makes an empty frame of it), or a surrogate escape,
-        # which only the frame construction judges (lone ones have no UTF-8 form).
-        return None
+        # No field (an empty frame), or a surrogate escape, which only the frame
+        # construction judges (lone ones have no UTF-8 form).
+        return raw_frame([record])
     return {name: _raw_value(value) for name, value in record.items()}
-
-
-def decode_for_landing(data: bytes, fmt: BatchFormat) -> pl.DataFrame | pa.Table:
-    """:func:`decode_batch`'s records in the form cheapest to land: for large NDJSON,
-    the raw Arrow table (see :mod:`landing_zone.sampled_ndjson`), else the raw frame."""
-    if fmt == "ndjson":
-        text = _text_body(data)
-        # In decode_batch's order: small bodies may be read in Python, surrogate escapes
-        # always are.
-        if len(text) > SMALL_JSON_BYTES and not (b"\\" in text and _SURROGATE_ESCAPE.search(text)):
-            table = read_sampled_raw(text)
-            if table is not None:
-                return table
-    return decode_batch(data, fmt)
 
 
 def raw_table(records: Sequence[RawRecord]) -> pa.Table:
@@ -243,14 +237,14 @@ def read_batch_file(raw: bytes, name: str, max_bytes: int) -> pl.DataFrame:
     return decode_batch(raw, fmt)
 
 
-def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame:
+def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame | pa.Table:
     reader = pl.read_ndjson if ndjson else pl.read_json
     try:
         if b"\\" in data and _SURROGATE_ESCAPE.search(data):  # `in` (memchr): a fast first look
             raise ValueError("surrogate escapes: parsed in Python")
         sampled = read_sampled_raw(data) if ndjson else None
         if sampled is not None:  # raw already, and checked as below
-            return _frame_of(sampled)
+            return sampled
         frame = reader(io.BytesIO(data), infer_schema_length=None)
         if not ndjson and not _booleans_kept(data, frame):
             raise ValueError("read_json turned booleans into numbers")
@@ -483,7 +477,7 @@ __all__ = [
     "UnsupportedFormat",
     "decode_batch",
     "decode_for_landing",
-    "decode_small_record",
+    "decode_small",
     "field_names",
     "format_for_content_type",
     "format_for_filename",

@@ -17,7 +17,7 @@ Parquet encoding, one fsync, rename, directory fsync) on a worker thread; the
 event loop never blocks.
 
 A batch is a raw frame or Arrow table, or a list of raw records (see
-:func:`landing_zone.formats.decode_small_record`: a single reading costs ~25x less
+:func:`landing_zone.formats.decode_small`: a single reading costs ~25x less
 to collect that way than as a frame of its own).
 
 Each batch learns the group's ``batch_id`` (the landing file's name) and its
