@@ -211,7 +211,7 @@ async def _write(
             first_record=grouped.first_record,
         )
     receipt = await run_in_threadpool(
-        partial(context.writer.write_table, source, _table(batch), correlation_id=correlation_id)
+        partial(context.writer.write_frame, source, _table(batch), correlation_id=correlation_id)
     )
     return IngestAccepted(batch_id=receipt.batch_id, source=source, records=receipt.records)
 
@@ -315,7 +315,7 @@ async def _idempotent_write(
             await charge()  # 429 releases the key: a later retry writes
             await run_in_threadpool(
                 partial(
-                    context.writer.write_table,
+                    context.writer.write_frame,
                     source,
                     _table(batch),
                     batch_id=outcome.batch_id,

@@ -12,7 +12,7 @@ in the next group, which is written as soon as that write finishes, after at mos
 ``window_s`` (then it is written beside the running one, unless
 ``max_concurrent_writes`` of the source run already: then it keeps growing until
 one of them finishes), or as soon as it holds ``max_rows`` rows or ``max_bytes``
-body bytes. A group is one :meth:`LandingWriter.write_table` call (concatenation,
+body bytes. A group is one :meth:`LandingWriter.write_frame` call (concatenation,
 Parquet encoding, one fsync, rename, directory fsync) on a worker thread; the
 event loop never blocks.
 
@@ -152,7 +152,7 @@ class GroupCommitter:
 
     def _write(self, source: str, entries: list[_Entry]) -> LandingReceipt:
         ids = [entry.correlation_id for entry in entries if entry.correlation_id]
-        return self._writer.write_table(source, _concatenated(entries), correlation_ids=ids)
+        return self._writer.write_frame(source, _concatenated(entries), correlation_ids=ids)
 
     def _finished(self, source: str, group: _Group, done: asyncio.Future[LandingReceipt]) -> None:
         self._in_flight[source] -= 1

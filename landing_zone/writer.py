@@ -130,14 +130,15 @@ class LandingWriter:
     def write_frame(
         self,
         source: str,
-        frame: pl.DataFrame,
+        frame: pl.DataFrame | pa.Table,
         *,
         batch_id: str | None = None,
         correlation_id: str | None = None,
         correlation_ids: Sequence[str] = (),
         publish_guard: PublishGuard | None = None,
     ) -> LandingReceipt:
-        """Write one batch of ``source`` durably and return its receipt.
+        """Write one batch of ``source`` (a raw frame, or an Arrow table such as
+        :func:`landing_zone.formats.raw_table` makes) durably and return its receipt.
 
         ``correlation_id`` (the request's) is kept in the file's metadata, so the
         processing of this batch can be traced back to it; ``correlation_ids`` instead
@@ -146,27 +147,6 @@ class LandingWriter:
         :data:`PublishGuard`), e.g. to make it atomic with an idempotency record.
         Raises :class:`LandingWriteError` (e.g. disk full) after removing the temp file.
         """
-        return self.write_table(
-            source,
-            frame,
-            batch_id=batch_id,
-            correlation_id=correlation_id,
-            correlation_ids=correlation_ids,
-            publish_guard=publish_guard,
-        )
-
-    def write_table(
-        self,
-        source: str,
-        table: pl.DataFrame | pa.Table,
-        *,
-        batch_id: str | None = None,
-        correlation_id: str | None = None,
-        correlation_ids: Sequence[str] = (),
-        publish_guard: PublishGuard | None = None,
-    ) -> LandingReceipt:
-        """:meth:`write_frame` for a frame or an Arrow table (such as
-        :func:`landing_zone.formats.raw_table` makes of small requests' records)."""
         final_dir = self._layout.source_dir(source)
         temp_dir = self._layout.temp_dir(source)
         metadata: dict[str, str] = {}
@@ -177,7 +157,7 @@ class LandingWriter:
         elif correlation_id:
             metadata[CORRELATION_KEY] = correlation_id
         return self._write(
-            source, table, final_dir, temp_dir, batch_id, metadata or None, publish_guard
+            source, frame, final_dir, temp_dir, batch_id, metadata or None, publish_guard
         )
 
     def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:

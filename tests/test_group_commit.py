@@ -116,9 +116,6 @@ class _FailingWriter(LandingWriter):
     def write_frame(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
         raise LandingWriteError(errno.ENOSPC, "no space left (injected)")
 
-    def write_table(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
-        raise LandingWriteError(errno.ENOSPC, "no space left (injected)")
-
 
 def test_a_failed_group_write_fails_every_waiter_and_leaves_nothing(tmp_path: Path) -> None:
     committer = GroupCommitter(_FailingWriter(LandingLayout(tmp_path)), window_s=0.05)
