@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.registry import Collector
+from starlette._utils import get_route_path  # what Starlette's own routing calls
 from starlette.types import Receive, Scope, Send
 
 from api import (
@@ -53,23 +54,11 @@ class LakehouseApp(FastAPI):
         """Dispatch one ASGI connection (see the class docstring)."""
         endpoint = self.ingest_endpoint
         if endpoint is not None and scope["type"] == "http" and scope["method"] == "POST":
-            path = route_path(scope)
+            path = get_route_path(scope)  # as Starlette's routing reads it
             if path.startswith(INGEST_PREFIX):
                 await endpoint(scope, receive, send, path)
                 return
         await super().__call__(scope, receive, send)
-
-
-def route_path(scope: Scope) -> str:
-    """The request path the routes match (without the root path), as Starlette reads it."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root):
-        if path == root:
-            return ""
-        if path[len(root)] == "/":
-            return path[len(root) :]
-    return path
 
 
 def create_app(

@@ -13,6 +13,7 @@ from contextvars import ContextVar
 import structlog
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.concurrency import run_in_threadpool
 
 from api.context import ApiContext, get_context
@@ -48,10 +49,7 @@ async def authenticated(
 def bearer_secret(authorization: str | None) -> str | None:
     """The secret of an ``Authorization: Bearer <secret>`` header value, read the way
     :class:`fastapi.security.HTTPBearer` reads it; ``None`` if there is none."""
-    if not authorization:
-        return None
-    scheme, _, secret = authorization.partition(" ")
-    secret = secret.strip()
+    scheme, secret = get_authorization_scheme_param(authorization)
     if not scheme or not secret or scheme.lower() != "bearer":
         return None
     return secret
