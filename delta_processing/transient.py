@@ -21,7 +21,9 @@ upload or commit fails), whose message carries object_store's request error::
 cause is ``HTTP error`` for transport failures (connection refused or reset,
 timeouts) and ``Server returned non-2xx status code: <status>`` for answers.
 
-Only those exact exception classes are read: subclasses such as
+A change-feed stream that fails while it is read raises a plain :class:`Exception`
+(``C Data interface error: External error: ...``) with the same text. Only those
+exact exception classes are read: subclasses such as
 ``SchemaMismatchError`` or ``CommitFailedError`` are about the table or the data,
 and their messages can quote field names a sender chose.
 """
@@ -50,6 +52,8 @@ _TRANSPORT = re.compile(
     re.IGNORECASE,
 )
 _STATUS = re.compile(r"non-2xx status code\W+(\d{3})")
+# How a failed change-feed stream read begins (a plain Exception from the Arrow C stream).
+_STREAM_ERROR = "C Data interface error: External error:"
 _DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
 
 
@@ -75,9 +79,10 @@ def _is_outage(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.errno in _UNAVAILABLE_ERRNOS:
         return True
-    if type(exc) not in (OSError, DeltaError):
-        return False
     message = _ANSI.sub("", str(exc))
+    stream = type(exc) is Exception and message.startswith(_STREAM_ERROR)
+    if type(exc) not in (OSError, DeltaError) and not stream:
+        return False
     if _DISK_FULL.search(message):
         return True
     if not _REQUEST_FAILED.search(message):

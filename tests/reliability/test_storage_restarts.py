@@ -166,6 +166,21 @@ def test_what_deltalake_raises_in_an_outage_is_storage_unavailable(
         assert not is_storage_unavailable(error), (status, error)
 
 
+def test_a_change_feed_stream_cut_off_by_the_store_is_storage_unavailable() -> None:
+    """What reading a ``load_cdf`` stream raises (a plain Exception) when a GET fails."""
+    cut = Exception(
+        "C Data interface error: External error: Parquet error: Failed to fetch metadata "
+        "for file part-0.parquet: Generic MicrosoftAzure error: Error performing GET "
+        "http://127.0.0.1:1/devstoreaccount1/lake/part-0.parquet in 2.1s, after 10 "
+        "retries - HTTP error: error sending request"
+    )
+    assert is_storage_unavailable(cut)
+    missing = Exception(
+        "C Data interface error: External error: Object at location /t/part-0.parquet not found"
+    )
+    assert not is_storage_unavailable(missing)
+
+
 def test_errors_about_the_data_are_not_storage_unavailable(tmp_path: Path) -> None:
     uri = str(tmp_path / "t")
     write_deltalake(uri, pa.table({"value": [1]}))
