@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from config.settings import Settings
-from delta_processing.tables import LAYERS, Layer, TableStore, as_store
+from delta_processing.tables import LAYERS, Layer, TableStore, as_pyarrow, as_store
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def open_table(store: TableStore, layer: str, name: str) -> tuple[Layer, DeltaTa
 
 
 def _add_actions(table: DeltaTable) -> pa.Table:
-    return pa.table(table.get_add_actions(flatten=True))
+    return as_pyarrow(table.get_add_actions(flatten=True))
 
 
 def _row_count(actions: pa.Table) -> int | None:

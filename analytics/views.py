@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from analytics.catalog import TableSnapshot, snapshot_tables
 from delta_processing.storage import local_path
-from delta_processing.tables import LAYERS, TableStore, as_store, local_root
+from delta_processing.tables import LAYERS, TableStore, as_pyarrow, as_store, local_root
 
 
 def _ident(name: str) -> str:
@@ -102,7 +102,7 @@ def _fast_path_plan(snap: TableSnapshot) -> Literal["plain", "union"] | None:
     features = snap.table.protocol().reader_features or []
     if {"deletionVectors", "columnMapping"} & set(features):
         return None
-    actions = pa.table(snap.table.get_add_actions(flatten=True))
+    actions = as_pyarrow(snap.table.get_add_actions(flatten=True))
     plan: Literal["plain", "union"] = "plain"
     for field in snap.schema:
         if field.name in snap.partition_columns:

@@ -72,6 +72,19 @@ class BronzeBatchResult:
 
 
 @dataclass(frozen=True)
+class AppendedRows:
+    """The rows one bronze commit appended, still in memory after the commit.
+
+    Silver takes them instead of reading that commit back through the change feed
+    when it consumes exactly this commit (see ``SilverPromoter.promote``): on a
+    backlog, reading each commit back cost more than typing and de-duplicating it.
+    """
+
+    version: int  # the bronze commit that appended ``rows``
+    rows: pl.DataFrame
+
+
+@dataclass(frozen=True)
 class BronzeLimits:
     """Micro-batch bounds: at most this many files / bytes / rows per bronze commit.
 
@@ -110,6 +123,14 @@ class BronzeIngestor:
         self._limits = limits
         self._crash = crash_points
         self._failures: dict[tuple[str, int], int] = {}
+        self._appended: dict[str, AppendedRows] = {}
+
+    def take_appended(self, source: str) -> AppendedRows | None:
+        """The rows of ``source``'s latest bronze commit made by this ingestor, once.
+
+        ``None`` if the latest micro-batch committed nothing or was already taken.
+        """
+        return self._appended.pop(source, None)
 
     def recover(self, source: str) -> list[BronzeBatchResult]:
         """Finish claims left by a previous run: archive committed ones, commit the rest."""
@@ -121,7 +142,8 @@ class BronzeIngestor:
                 self._archive(source, directory)
             else:
                 log.info("bronze.recover.recommit", source=source, seq=seq)
-                results.append(self._commit_or_give_up(source, seq, directory))
+                table = self._table(source)
+                results.append(self._commit_or_give_up(source, seq, directory, table))
         return results
 
     def ingest_next(self, source: str) -> BronzeBatchResult | None:
@@ -130,7 +152,8 @@ class BronzeIngestor:
         files = self._select(pending)
         if not files:
             return None
-        committed = consumed_version(self._table(source), BRONZE_APP_ID) or 0
+        table = self._table(source)
+        committed = consumed_version(table, BRONZE_APP_ID) or 0
         seq = committed + 1
         claim_dir = self._layout.inflight_dir(source, seq)
         claim_dir.mkdir(parents=True, exist_ok=True)
@@ -140,10 +163,12 @@ class BronzeIngestor:
             os.rename(path, claim_dir / claimed_name(order, path.name))
         fsync_directory(claim_dir)
         self._crash.reached("after_claim")
-        result = self._commit_or_give_up(source, seq, claim_dir)
+        result = self._commit_or_give_up(source, seq, claim_dir, table)
         return replace(result, backlog=len(files) < len(pending))
 
-    def _commit_or_give_up(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
+    def _commit_or_give_up(
+        self, source: str, seq: int, claim_dir: Path, table: DeltaTable | None
+    ) -> BronzeBatchResult:
         """Commit a claim; after repeated failures set its files aside so the source moves on.
 
         The files go to the file quarantine with the error, from where an operator can
@@ -156,8 +181,9 @@ class BronzeIngestor:
         lasts, where counting would set acknowledged files aside after a few cycles.
         """
         key = (source, seq)
+        self._appended.pop(source, None)
         try:
-            result = self._commit_claim(source, seq, claim_dir)
+            result = self._commit_claim(source, seq, claim_dir, table)
         except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
@@ -205,9 +231,12 @@ class BronzeIngestor:
             rows += count
         return chosen
 
-    def _commit_claim(self, source: str, seq: int, claim_dir: Path) -> BronzeBatchResult:
+    def _commit_claim(
+        self, source: str, seq: int, claim_dir: Path, table: DeltaTable | None
+    ) -> BronzeBatchResult:
+        """Append the claim's files as one commit; ``table``: bronze as it was (None: new)."""
         ingested_at = datetime.now(UTC)
-        spellings = self._existing_spellings(source)
+        spellings = self._existing_spellings(source, table)
         frames: list[pl.DataFrame] = []
         quarantined = 0
         landed_at: list[datetime] = []
@@ -230,13 +259,15 @@ class BronzeIngestor:
         rows = 0
         if frames:
             batch = pl.concat(frames, how="diagonal_relaxed")
-            partition_by = self._partition_columns(source)
+            partition_by = self._partition_columns(source, table)
             if partition_by:
                 batch = batch.with_columns(pl.col("_ingested_at").dt.date().alias(INGEST_DATE))
-            batch, positions = new_stream_records(batch, self._table(source))
+            batch, positions = new_stream_records(batch, table)
             rows = batch.height
+            # Through the open table where there is one: it then knows the version the
+            # append landed at without reading the log again.
             append(
-                self._store.uri(*target_table(source)),
+                table if table is not None else self._store.uri(*target_table(source)),
                 batch,
                 commit_marker(
                     BRONZE_APP_ID, seq, positions, **_commit_metadata(frames, correlation_ids)
@@ -247,6 +278,9 @@ class BronzeIngestor:
                 storage_options=self._store.options,
             )
             self._crash.reached("after_bronze_commit")
+            table = table if table is not None else self._table(source)
+            if table is not None and source != DEAD_LETTERS:
+                self._appended[source] = AppendedRows(table.version(), batch)
         log.info(
             "bronze.committed",
             source=source,
@@ -264,11 +298,10 @@ class BronzeIngestor:
     def _table(self, source: str) -> DeltaTable | None:
         return self._store.open(*target_table(source))
 
-    def _partition_columns(self, source: str) -> list[str]:
+    def _partition_columns(self, source: str, table: DeltaTable | None) -> list[str]:
         """Bronze partitioning: the table's own once it exists (raw data is never stopped
         for a layout change; rewriting bronze is an explicit operation)."""
         wanted = [INGEST_DATE] if source in self._partitioned else []
-        table = self._table(source)
         if table is None:
             return wanted
         current = list(table.metadata().partition_columns)
@@ -276,10 +309,9 @@ class BronzeIngestor:
             log.warning("bronze.partitioning_kept", source=source, table=current, contract=wanted)
         return current
 
-    def _existing_spellings(self, source: str) -> dict[str, str]:
+    def _existing_spellings(self, source: str, table: DeltaTable | None) -> dict[str, str]:
         """Lower-cased name -> spelling of the raw columns bronze already has."""
         declared = {n.lower(): n for n in self._declared.get(source, [])}
-        table = self._table(source)
         if table is None:
             return declared
         names = table_columns(table)

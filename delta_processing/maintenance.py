@@ -38,7 +38,6 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import structlog
 from deltalake import CommitProperties, DeltaTable
@@ -48,6 +47,7 @@ from config.settings import Settings
 from delta_processing.tables import (
     Layer,
     TableStore,
+    as_pyarrow,
     fsync_file,
     local_root,
     reopen,
@@ -211,7 +211,7 @@ def small_file_count(
 
     Only those can be bin-packed: a lone small file in its partition stays as it is.
     """
-    actions = pa.table(table.get_add_actions(flatten=True))
+    actions = as_pyarrow(table.get_add_actions(flatten=True))
     if actions.num_rows == 0:
         return 0
     partition_columns = [n for n in actions.column_names if n.startswith("partition.")]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import pyarrow as pa
 from deltalake.exceptions import DeltaError
 
 from config.contracts import ContractRegistry, SourceContract
@@ -32,7 +31,7 @@ from delta_processing.processor import (
     ProcessorStopped,
 )
 from delta_processing.refresh import RefreshResult, refresh
-from delta_processing.tables import Layer, TableStore
+from delta_processing.tables import Layer, TableStore, as_pyarrow
 
 T = TypeVar("T")
 
@@ -142,7 +141,7 @@ def _file_count(store: TableStore, layer: Layer, name: str) -> tuple[int, int]:
     table = store.open(layer, name)
     if table is None:
         return -1, 0
-    return table.version(), pa.table(table.get_add_actions(flatten=True)).num_rows
+    return table.version(), as_pyarrow(table.get_add_actions(flatten=True)).num_rows
 
 
 def optimize_table(

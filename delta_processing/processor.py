@@ -200,7 +200,7 @@ class Processor:
         contract = self._contracts.get(source)
         if contract is not None:
             started = time.perf_counter()
-            promoted = self._silver.promote(contract)
+            promoted = self._silver.promote(contract, self._bronze.take_appended(source))
             if promoted is not None:
                 report.silver.append(promoted)
                 _observe_stage(metrics, "silver", source, started, promoted.upserted)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import polars as pl
 import structlog
 from deltalake import DeltaTable
 
 from config.contracts import SourceContract
+from delta_processing.bronze import AppendedRows
 from delta_processing.coercions import apply_contract, contract_dtypes
 from delta_processing.column_names import CHANGE_FEED_COLUMNS, EVENT_DATE
 from delta_processing.crashpoints import CrashPoints
@@ -36,6 +38,7 @@ from delta_processing.schema_changes import reconcile_columns
 from delta_processing.tables import (
     TableStore,
     append,
+    as_inserts,
     commit_marker,
     commits_after,
     consumed_version,
@@ -222,6 +225,23 @@ def build_batch(changes: pl.DataFrame, contract: SourceContract) -> SilverBatch:
     return SilverBatch(changes, rejected, evolved, outcome, quarantined, passed)
 
 
+def _bronze_inserts(
+    bronze: DeltaTable,
+    start: int,
+    end: int,
+    appended: AppendedRows | None,
+    commits: list[dict[str, Any]],
+) -> pl.DataFrame:
+    """The rows bronze versions ``start..end`` inserted: ``appended`` when it is exactly
+    that one version (and bronze's latest, so its schema is the one to shape it to),
+    else read back through the change feed."""
+    if appended is not None and start == end == appended.version == bronze.version():
+        committed = [int(c["timestamp"]) for c in commits if int(c["version"]) == end]
+        if committed:
+            return as_inserts(appended.rows, bronze, end, committed[0])
+    return read_changes(bronze, start, end).filter(pl.col("_change_type") == "insert")
+
+
 class SilverPromoter:
     """Promotes new bronze versions of a source into silver and quarantine."""
 
@@ -229,8 +249,14 @@ class SilverPromoter:
         self._store = store
         self._crash = crash_points
 
-    def promote(self, contract: SourceContract) -> SilverResult | None:
+    def promote(
+        self, contract: SourceContract, appended: AppendedRows | None = None
+    ) -> SilverResult | None:
         """Consume the bronze versions not yet in silver, quarantine and quality.
+
+        ``appended``: the rows of bronze's latest commit if the caller still holds them
+        (see :class:`~delta_processing.bronze.AppendedRows`); used only when that
+        commit is exactly what is to be consumed, otherwise the change feed is read.
 
         Returns ``None`` when everything is up to date. Raises
         :class:`~delta_processing.expectations.ExpectationFailed` (nothing committed)
@@ -262,7 +288,8 @@ class SilverPromoter:
         start, end = batch_bounds(consumed, bronze.version())
         if start > end:
             return None
-        changes = read_changes(bronze, start, end).filter(pl.col("_change_type") == "insert")
+        consumed_commits = [c for c in commits_after(bronze, start - 1) if int(c["version"]) <= end]
+        changes = _bronze_inserts(bronze, start, end, appended, consumed_commits)
         batch = build_batch(changes, contract)  # raises before any commit on `fail`
         if _next_version(consumed["quality"]) <= end:
             quality = batch.quality(contract, _next_version(consumed["quality"]))
@@ -271,7 +298,6 @@ class SilverPromoter:
             fresh = batch.since(batch.quarantined, _next_version(consumed["quarantine"]))
             self._write_quarantine(source, fresh, end)
         upserted = 0
-        consumed_commits = [c for c in commits_after(bronze, start - 1) if int(c["version"]) <= end]
         correlation_ids = correlation_ids_in(consumed_commits)
         if _next_version(consumed["silver"]) <= end:
             rows = batch.silver_rows(schema, _next_version(consumed["silver"]))

@@ -293,7 +293,10 @@ def append(
         configuration=CDF_CONFIGURATION if cdf else None,
         commit_properties=marker,
     )
-    sync_latest_commit(target)
+    if isinstance(target, DeltaTable):  # the write moved it to the version it committed
+        sync_commit(target, target.version())
+    else:
+        sync_latest_commit(target)
 
 
 def merge(
@@ -381,6 +384,16 @@ def key_predicate(keys: list[str]) -> str:
     return " AND ".join(f't."{key}" = s."{key}"' for key in keys)
 
 
+def as_pyarrow(data: Any) -> pa.Table:
+    """deltalake's Arrow results (arro3 tables, batches, stream readers) as a pyarrow table.
+
+    Read through the Arrow C stream interface: ``pa.table`` would first probe whether
+    ``data`` is a pandas DataFrame, importing pandas (about a second) into processes
+    that never use it.
+    """
+    return pa.RecordBatchReader.from_stream(data).read_all()
+
+
 def read_changes(
     table: DeltaTable, start: int, end: int, columns: list[str] | None = None
 ) -> pl.DataFrame:
@@ -392,7 +405,35 @@ def read_changes(
     if columns is not None:
         columns = [*dict.fromkeys(columns), *CHANGE_FEED_COLUMNS]
     reader = table.load_cdf(starting_version=start, ending_version=end, columns=columns)
-    return pl.DataFrame(pa.table(reader.read_all()))
+    return pl.DataFrame(as_pyarrow(reader))
+
+
+def as_inserts(
+    rows: pl.DataFrame, table: DeltaTable, version: int, committed_ms: int
+) -> pl.DataFrame:
+    """``rows``, which commit ``version`` of ``table`` appended at ``committed_ms`` (its
+    commit timestamp, epoch ms), shaped exactly as :func:`read_changes` of that one
+    version returns them: the table's columns in the change feed's order and types
+    (null where the rows lack a column), then the change feed columns.
+
+    ``table`` must be loaded at ``version`` or later with no schema change since.
+    """
+    # (`pa.Schema.empty_table` would import pandas: a second of start-up.)
+    schema = pl.DataFrame(pa.Table.from_batches([], pa.schema(table.schema().to_arrow()))).schema
+    partitions = table.metadata().partition_columns
+    # The change feed puts partition columns after the others.
+    names = [n for n in schema if n not in partitions] + [n for n in schema if n in partitions]
+    shaped = rows.select(
+        pl.col(name).cast(schema[name])
+        if name in rows.columns
+        else pl.lit(None, schema[name]).alias(name)
+        for name in names
+    )
+    return shaped.with_columns(
+        pl.lit("insert").alias("_change_type"),
+        pl.lit(version, dtype=pl.UInt64).alias("_commit_version"),
+        pl.lit(committed_ms, dtype=pl.Int64).cast(pl.Datetime("ms")).alias("_commit_timestamp"),
+    )
 
 
 # Storage option names Polars reads as its own settings, with its own value types

@@ -2,6 +2,8 @@
 
 - Typing: :func:`first_parse` (one candidate spelling at a time) equals ``pl.coalesce``.
 - Silver: a batch of new keys is appended, a batch touching stored keys is merged.
+- Silver takes the rows bronze just appended instead of reading them back through
+  the change feed.
 - Gold latest: the newer of the stored and the changed rows, recomputing only groups
   that lost rows, or every touched group when a group may hold two rows per instant.
 """
@@ -13,14 +15,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
+import pytest
 from deltalake import DeltaTable
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
+import delta_processing.silver as silver_module
 from config.contracts import load_contracts
 from config.settings import Settings, load_settings
+from delta_processing.bronze import BronzeIngestor, BronzeLimits
 from delta_processing.coercions import (
     date_candidates,
     first_parse,
@@ -28,8 +33,12 @@ from delta_processing.coercions import (
     parse_timestamp,
     timestamp_candidates,
 )
+from delta_processing.crashpoints import CrashPoints
 from delta_processing.gold import gold_frame, latest_schema, latest_values
 from delta_processing.processor import Processor
+from delta_processing.silver import SilverPromoter
+from delta_processing.tables import TableStore, as_inserts, read_changes
+from landing_zone.layout import LandingLayout
 from tests.helpers import land_records
 
 SPELLINGS = [
@@ -364,3 +373,122 @@ def test_latest_follows_an_update_that_moves_a_key_back_in_time(
     latest = pl.read_delta(str(settings.data_dir / "gold" / "meters_latest"))
     assert latest.select("meter", "v").rows() == [("m", 2.0)]
     _assert_meters_gold_equals_recomputation(settings, tmp_path)
+
+
+# ------------------------------------------------ silver takes bronze's appended rows
+
+
+def _bronze_ingestor(data_dir: Path, partitioned: bool) -> BronzeIngestor:
+    return BronzeIngestor(
+        LandingLayout(data_dir),
+        TableStore(data_dir),
+        BronzeLimits(max_files=10, max_bytes=2**30, max_file_bytes=2**30),
+        CrashPoints(None),
+        frozenset({"events"}) if partitioned else frozenset(),
+    )
+
+
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_appended_rows_equal_the_change_feed_of_their_commit(
+    data_dir: Path, partitioned: bool
+) -> None:
+    """Commits that create the table, add a column, lack a column, drop re-delivered
+    Kafka records and hold several files: each one's appended rows, shaped by
+    ``as_inserts``, are exactly what the change feed reads back for that commit."""
+    ingestor = _bronze_ingestor(data_dir, partitioned)
+    kafka = {"kafka_topic": "t", "kafka_partition": "0"}
+    batches: list[list[list[dict[str, object]]]] = [
+        [[{"id": "1", "v": 1.5}]],
+        [[{"id": "2", "v": 2, "extra": "x"}], [{"id": "3", "Extra": "y"}]],
+        [[{"id": "4"}]],
+        [[{"id": "5", **kafka, "kafka_offset": "7"}, {"id": "6", **kafka, "kafka_offset": "8"}]],
+        [[{"id": "5", **kafka, "kafka_offset": "7"}, {"id": "7", **kafka, "kafka_offset": "9"}]],
+    ]
+    checked = 0
+    for files in batches:
+        for rows in files:
+            land_records(data_dir, "events", rows)
+        assert ingestor.ingest_next("events") is not None
+        appended = ingestor.take_appended("events")
+        assert appended is not None
+        assert ingestor.take_appended("events") is None  # handed over once
+        table = DeltaTable(str(data_dir / "bronze" / "events"))
+        assert appended.version == table.version()
+        committed = int(table.history(1)[0]["timestamp"])
+        from_feed = read_changes(table, appended.version, appended.version)
+        shaped = as_inserts(appended.rows, table, appended.version, committed)
+        arrival = ["_file_order", "_row"]  # the feed's row order is unspecified
+        assert_frame_equal(shaped.sort(arrival), from_feed.sort(arrival))
+        checked += from_feed.height
+    assert checked == 7  # the re-delivered offset 7 was dropped, not appended twice
+
+
+def test_silver_from_appended_rows_equals_silver_from_the_change_feed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same landing files give the same silver, quarantine and gold whether silver
+    takes bronze's appended rows (the processor's path) or reads bronze's change feed
+    (a silver that lags, e.g. after a restart), and the processor's path reads no feed."""
+    batches = [
+        [_reading(1, 1.0), _reading(2, 2.0), {"ts": "bad", "device_id": "d1", "sensor": "t"}],
+        [_reading(3, 3.0), _reading(2, 20.0, "d2")],
+        [_reading(2, 21.0), _reading(4, 4.0)],  # updates a stored key: a MERGE
+    ]
+    feed_reads: list[int] = []
+    real_read_changes = silver_module.read_changes
+
+    def counting_read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
+        feed_reads.append(end)
+        return real_read_changes(table, start, end)
+
+    monkeypatch.setattr(silver_module, "read_changes", counting_read_changes)
+    results: dict[str, dict[str, pl.DataFrame]] = {}
+    for mode in ("appended", "change feed"):
+        data_dir = tmp_path / mode.replace(" ", "_")
+        settings = load_settings(data_dir=data_dir, trigger_latency_ms=0, file_settle_ms=0)
+        processor = Processor(settings, load_contracts())
+        if mode == "change feed":
+            monkeypatch.setattr(BronzeIngestor, "take_appended", lambda self, source: None)
+        for rows in batches:
+            land_records(data_dir, "readings", rows)
+            processor.run_once()
+        if mode == "appended":
+            assert feed_reads == []
+        else:
+            assert len(feed_reads) == len(batches)
+        results[mode] = {
+            name: pl.read_delta(str(data_dir / name))
+            .drop("_ingested_at", "_batch_id", "_landing_file", "_quarantined_at", strict=False)
+            .sort(pl.all())
+            for name in (
+                "silver/readings",
+                "quarantine/readings",
+                "gold/readings_hourly",
+                "gold/readings_latest",
+            )
+        }
+    for name, frame in results["appended"].items():
+        assert frame.height, name
+        assert_frame_equal(frame, results["change feed"][name])
+
+
+def test_a_silver_that_lags_reads_every_version_it_missed(data_dir: Path) -> None:
+    """Handed the rows of bronze's latest commit while an earlier one is unconsumed
+    too, silver reads both from the change feed instead of taking only the last."""
+    contract = load_contracts()["readings"]
+    ingestor = BronzeIngestor(
+        LandingLayout(data_dir),
+        TableStore(data_dir),
+        BronzeLimits(max_files=1, max_bytes=2**30, max_file_bytes=2**30),
+        CrashPoints(None),
+    )
+    land_records(data_dir, "readings", [_reading(1, 1.0)])
+    land_records(data_dir, "readings", [_reading(2, 2.0)])
+    assert ingestor.ingest_next("readings") is not None
+    assert ingestor.ingest_next("readings") is not None
+    appended = ingestor.take_appended("readings")
+    assert appended is not None and appended.rows.height == 1
+    promoted = SilverPromoter(TableStore(data_dir), CrashPoints(None)).promote(contract, appended)
+    assert promoted is not None and promoted.rows_in == 2
+    silver = pl.read_delta(str(data_dir / "silver" / "readings"))
+    assert sorted(silver["value"].to_list()) == [1.0, 2.0]
