@@ -30,6 +30,7 @@ from delta_processing.crashpoints import CrashPoints
 from delta_processing.expectations import check_contracts
 from delta_processing.gold import GoldRefresher, GoldResult
 from delta_processing.housekeeping import maintain_all
+from delta_processing.lookahead import BronzeLookahead
 from delta_processing.maintenance import policy_for
 from delta_processing.metrics import PipelineMetrics
 from delta_processing.retention import RetentionPolicy, apply_retention
@@ -132,6 +133,7 @@ class Processor:
         )
         declared = {name: list(c.field_types) for name, c in contracts.items()}
         self._bronze = BronzeIngestor(self._layout, store, limits, crash, partitioned, declared)
+        self._lookahead = BronzeLookahead(self._bronze)
         self._silver = SilverPromoter(store, crash)
         self._gold = GoldRefresher(store, crash)
         self._lock = ProcessorLock(settings.data_dir)
@@ -154,6 +156,13 @@ class Processor:
         outage ends the cycle (``storage_unavailable``): every source's tables are on
         the same store, and each would wait out object_store's own retries in turn.
         """
+        try:
+            return self._cycle()
+        finally:
+            # Nothing may touch bronze between cycles while a batch is ingested ahead.
+            self._lookahead.settle()
+
+    def _cycle(self) -> CycleReport:
         report = CycleReport()
         pending = sorted(set(self._contracts) | set(self._layout.sources_with_files()))
         first_turn = True
@@ -190,7 +199,10 @@ class Processor:
         """One bronze micro-batch of ``source``, then silver and gold; True if bronze had work."""
         metrics = self.metrics
         started = time.perf_counter()
-        batch = self._bronze.ingest_next(source)
+        batch, appended = self._lookahead.next(source)
+        if batch is not None and batch.backlog:
+            # More files wait: ingest them while this batch goes through silver and gold.
+            self._lookahead.start(source)
         if batch is not None:
             report.bronze.append(batch)
             if batch.files:  # a batch of only unreadable files commits nothing
@@ -200,7 +212,7 @@ class Processor:
         contract = self._contracts.get(source)
         if contract is not None:
             started = time.perf_counter()
-            promoted = self._silver.promote(contract, self._bronze.take_appended(source))
+            promoted = self._silver.promote(contract, appended)
             if promoted is not None:
                 report.silver.append(promoted)
                 _observe_stage(metrics, "silver", source, started, promoted.upserted)
@@ -355,6 +367,7 @@ class Processor:
                     return report
                 time.sleep(max(settle_s / 4, 0.05))
         finally:
+            self._lookahead.close()
             self._lock.release()
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -406,6 +419,7 @@ class Processor:
                 time.sleep(self._settings.trigger_latency_ms / 1000)
         finally:
             watcher.stop()
+            self._lookahead.close()
             self._abandon_operations()
             self._lock.release()
             log.info("processor.stopped")

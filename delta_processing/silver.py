@@ -263,7 +263,10 @@ class SilverPromoter:
         when a ``fail`` expectation is broken.
         """
         source = contract.name
-        bronze = self._store.open("bronze", source)
+        # Bronze as of the handed commit: bronze may be ingesting further meanwhile (see
+        # delta_processing.lookahead), and this promotion is to consume that commit.
+        pinned = appended.version if appended is not None else None
+        bronze = self._store.open("bronze", source, version=pinned)
         if bronze is None:
             return None
         schema = silver_schema(contract)
