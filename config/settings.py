@@ -123,8 +123,11 @@ class Settings(BaseSettings):
         description="While files wait beyond the current bronze micro-batch, refresh gold at "
         "most this often (0: after every micro-batch); without a backlog, after every one.",
     )
+    # Short: while the processor works, files pile up and make the next micro-batch
+    # anyway; this wait only gathers the files of a burst that hits an idle processor,
+    # and every freshness figure pays it in full.
     trigger_latency_ms: int = Field(
-        200, ge=0, le=60_000, description="Wait after a landing event to gather more files."
+        50, ge=0, le=60_000, description="Wait after a landing event to gather more files."
     )
     rescan_interval_s: float = Field(
         10.0, gt=0, le=3600, description="Periodic landing re-scan for missed events."
