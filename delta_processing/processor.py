@@ -119,7 +119,8 @@ class Processor:
         self._contracts = contracts
         self.metrics = metrics or PipelineMetrics()
         self._layout = LandingLayout(settings.data_dir)
-        store = TableStore.from_settings(settings)
+        # The processor is its tables' only writer: it keeps them open between batches.
+        store = TableStore.from_settings(settings).reusing_tables()
         crash = CrashPoints(settings.crash_at)
         limits = BronzeLimits(
             max_files=settings.batch_max_files,

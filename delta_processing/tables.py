@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote
@@ -57,6 +58,20 @@ class TableStore:
 
     root: Path | str
     storage_options: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+    # Per thread: (layer, name, pinned) -> the table as last opened (see `reusing_tables`).
+    _reused: threading.local | None = field(default=None, repr=False, compare=False)
+
+    def reusing_tables(self) -> TableStore:
+        """This store, but :meth:`open` brings the thread's earlier table object up to
+        date instead of loading the table again.
+
+        Loading replays the log since the last checkpoint (up to 100 commits, ~15 ms
+        locally, far more from object storage); bringing an open table up to date reads
+        only the commits since. Meant for the processor, the only writer of its tables:
+        an object that one caller holds moves forward when another, in the same thread,
+        opens the same table. Objects are never shared between threads.
+        """
+        return replace(self, _reused=threading.local())
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TableStore:
@@ -86,11 +101,30 @@ class TableStore:
         return f"{str(self.root).rstrip('/')}/{layer}/{name}"
 
     def open(self, layer: Layer, name: str, version: int | None = None) -> DeltaTable | None:
-        """The table, or ``None`` if it was never created."""
+        """The table (at ``version``, else its latest), or ``None`` if it was never created."""
+        tables: dict[tuple[str, str, bool], DeltaTable] | None = None
+        if self._reused is not None:
+            tables = self._reused.__dict__.setdefault("tables", {})
+            key = (layer, name, version is not None)
+            table = tables.pop(key, None)
+            if table is not None:
+                try:
+                    if version is None:
+                        table.update_incremental()
+                    elif table.version() != version:
+                        table.load_as_version(version)
+                except Exception:  # load afresh below: a real fault recurs there
+                    table = None
+                else:
+                    tables[key] = table
+                    return table
         try:
-            return DeltaTable(self.uri(layer, name), version=version, storage_options=self.options)
+            table = DeltaTable(self.uri(layer, name), version=version, storage_options=self.options)
         except TableNotFoundError:
             return None
+        if tables is not None:
+            tables[(layer, name, version is not None)] = table
+        return table
 
     def list(self, layer: Layer) -> list[str]:
         """Names of the Delta tables of one layer."""
