@@ -291,6 +291,41 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def json_kind(value: object) -> str:
+    """What a parsed JSON value is, as an error message names it ("an array")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def json_object_error(value: bytes) -> str | None:
+    """Why ``value`` (one message on its own, not a batch) is not one JSON object, or
+    ``None`` when it is. JSON as this module reads it: ``NaN`` and ``Infinity`` refused."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start}: {exc.reason}"
+    try:
+        parsed = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except RecursionError:
+        return "invalid JSON: nested too deeply"
+    except ValueError as exc:
+        return f"invalid JSON: {exc}"
+    if not isinstance(parsed, dict):
+        return f"expected a JSON object, got {json_kind(parsed)}"
+    return None
+
+
 def first_wins(pairs: list[tuple[str, object]]) -> dict[str, object]:
     """A JSON object whose repeated keys keep their first value, as Polars' reader does."""
     record: dict[str, object] = {}
@@ -482,6 +517,8 @@ __all__ = [
     "format_for_content_type",
     "format_for_filename",
     "gunzip",
+    "json_kind",
+    "json_object_error",
     "raw_frame",
     "raw_table",
     "read_batch_file",

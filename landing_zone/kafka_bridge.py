@@ -79,7 +79,15 @@ consumption of the next batch; at most two batches are in flight, and they are
 landed and committed strictly in the order they were consumed, each commit
 before the next landing write. librdkafka's fetch back-off is shortened
 (:data:`FETCH_DEFAULTS`, overridable through ``kafka_options``) so a backlog
-drains without stalls.
+drains without stalls. The preparing thread is warmed up while the group is
+joined (:func:`~landing_zone.kafka_batch.warm_up`), so the first batch does not
+pay for one-off start-up.
+
+A batch is closed when it reaches ``batch_max_messages`` or ``batch_max_bytes``,
+when its first message is ``batch_max_latency_ms`` old, or, for a batch filled
+from a backlog (some consume call returned a whole chunk), as soon as a poll
+(``poll_timeout_ms``) brings no more messages: the backlog is drained, and the
+latency bound would only delay its tail.
 """
 
 from __future__ import annotations
@@ -106,6 +114,7 @@ from landing_zone.kafka_batch import (
     Position,
     PreparedBatch,
     prepare_batch,
+    warm_up,
 )
 from landing_zone.kafka_lag import StatisticsError, parse_statistics, partition_lag
 from landing_zone.writer import LandingWriteError, LandingWriter
@@ -144,6 +153,9 @@ _MAX_BATCHES_IN_FLIGHT = 2
 # Messages taken per consume call: few enough that they die before the cyclic garbage
 # collector promotes them (see MessageColumns), many enough to amortise the call.
 _CONSUME_CHUNK = 1000
+# Longest consume wait while a batch is being prepared: it is landed this soon after it
+# is ready even when no message comes (a consume call cannot be woken up).
+_PREPARING_POLL_S = 0.01
 
 OptionValue = str | int | float | bool
 
@@ -305,6 +317,8 @@ class KafkaBridge:
         self._buffer = MessageColumns.empty()
         self._buffer_bytes = 0
         self._buffer_since = 0.0
+        self._buffer_backlog = False  # a consume call filled a whole chunk of the buffer
+        self._last_message_at = 0.0
         self._pending: list[_InFlight] = []  # oldest first
         self._preparer: ThreadPoolExecutor | None = None
         self._uncommitted: dict[Position, int] = {}
@@ -392,6 +406,8 @@ class KafkaBridge:
         # One thread turns batches into frames while this one consumes and lands (the
         # JSON parse releases the GIL). A second one measured no faster on two cores.
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="kafka-bridge-prepare")
+        # While the group is joined: the first batch must not pay for one-off start-up.
+        self._preparer.submit(_warm_up)
         log.info(
             "kafka_bridge.started",
             subscription=self.config.subscription,
@@ -431,19 +447,23 @@ class KafkaBridge:
         if self._buffer:
             due = self._buffer_since + self.config.batch_max_latency_ms / 1000
             timeout = max(0.0, min(timeout, due - now))
+        if self._pending:
+            timeout = min(timeout, _PREPARING_POLL_S)
         room = max(1, min(_CONSUME_CHUNK, self.config.batch_max_messages - len(self._buffer)))
         messages = consumer.consume(num_messages=room, timeout=timeout)
         taken = len(messages)
         if messages:
             self._take(messages)
         del messages  # let the Message objects die young (see MessageColumns)
+        if taken == room:
+            self._buffer_backlog = True
         retry_due = not self._pending or time.monotonic() >= self._write_retry_at
-        if self._buffer and retry_due and self._batch_due():
+        if self._buffer and retry_due and (self._batch_due() or self._drained()):
             self._cut()
             # Under a backlog (a full consume) the next batch is consumed while this one
             # is prepared; caught up, there is nothing to overlap, so land it now.
             caught_up = taken < room
-            self._land(wait=caught_up or len(self._pending) > _MAX_BATCHES_IN_FLIGHT)
+            self._land(wait=True, keep=0 if caught_up else _MAX_BATCHES_IN_FLIGHT)
 
     def _take(self, messages: list[Message]) -> None:
         # Whole-batch passes over the C accessors: no Python code runs per message.
@@ -462,8 +482,10 @@ class KafkaBridge:
             columns = MessageColumns.of(messages)
         except ValueError as exc:  # only error events lack a position, and they are out
             raise KafkaBridgeError(str(exc)) from exc
+        now = time.monotonic()
         if not self._buffer:
-            self._buffer_since = time.monotonic()
+            self._buffer_since = now
+        self._last_message_at = now
         self._buffer.extend(columns)
         self._buffer_bytes += columns.payload_bytes()
         self.messages_in += len(columns)
@@ -474,6 +496,18 @@ class KafkaBridge:
             or self._buffer_bytes >= self.config.batch_max_bytes
             or time.monotonic() - self._buffer_since >= self.config.batch_max_latency_ms / 1000
         )
+
+    def _drained(self) -> bool:
+        """Whether the open batch was filled from a backlog that is now drained.
+
+        Such a batch is landed at once: the consumer has caught up, and waiting for
+        ``batch_max_latency_ms`` would only delay it. Drained: a whole poll
+        (``poll_timeout_ms``) brought no message. A trickle (no consume call ever
+        returning a full chunk) still waits for the latency bound, or it would become
+        a landing file per message.
+        """
+        idle = time.monotonic() - self._last_message_at
+        return self._buffer_backlog and idle >= self.config.poll_timeout_ms / 1000
 
     def _shutdown(self) -> None:
         if self._flush() and self._uncommitted:
@@ -500,6 +534,7 @@ class KafkaBridge:
         self._pending.append(_InFlight(prepared, self._buffer))
         self._buffer = MessageColumns.empty()
         self._buffer_bytes = 0
+        self._buffer_backlog = False
 
     def _flush(self, *, commit: bool = True) -> bool:
         """Land the buffer and every batch in flight (waiting for them), then commit.
@@ -510,15 +545,17 @@ class KafkaBridge:
         self._cut()
         return self._land(wait=True, commit=commit)
 
-    def _land(self, *, wait: bool, commit: bool = True) -> bool:
+    def _land(self, *, wait: bool, commit: bool = True, keep: int = 0) -> bool:
         """Write the prepared batches, oldest first, committing after each one.
 
-        Without ``wait`` it stops at the first batch still being prepared. Returns
+        It stops at the first batch still being prepared: without ``wait`` at once,
+        with ``wait`` once at most ``keep`` batches are left (waiting for all of them
+        would leave the preparing thread idle until the next batch is cut). Returns
         False when a landing write failed (see :meth:`_flush`).
         """
         while self._pending:
             head = self._pending[0]
-            if not wait and not head.prepared.done():
+            if not head.prepared.done() and (not wait or len(self._pending) <= keep):
                 break
             batch = head.prepared.result()
             try:
@@ -661,6 +698,7 @@ class KafkaBridge:
         self._pending = []
         self._buffer = MessageColumns.empty()
         self._buffer_bytes = 0
+        self._buffer_backlog = False
         self._write_backoff = 0.0
         self._set_paused("landing_write_failed", False)
         for (topic, partition), offset in firsts.items():
@@ -737,6 +775,13 @@ class KafkaBridge:
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:
     return [f"{tp.topic}[{tp.partition}]" for tp in partitions]
+
+
+def _warm_up() -> None:
+    try:
+        warm_up()
+    except Exception:  # only a first batch a little slower: never a reason to stop
+        log.exception("kafka_bridge.warm_up_failed")
 
 
 __all__ = [

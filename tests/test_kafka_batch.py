@@ -25,6 +25,7 @@ from landing_zone.kafka_batch import (
     PreparedBatch,
     prepare_batch,
     unmapped_error,
+    warm_up,
 )
 
 RECEIVED = "2026-11-22T12:00:00+00:00"
@@ -57,8 +58,20 @@ def message(
     )
 
 
-def prepare(messages: list[Message], payload_format: Any = "json") -> PreparedBatch:
-    return prepare_batch(MessageColumns.of(messages), payload_format, source_of, RECEIVED)
+def prepare(
+    messages: list[Message], payload_format: Any = "json", chunk: int | None = None
+) -> PreparedBatch:
+    """Prepare ``messages`` as the bridge does: taken ``chunk`` at a time (one consume
+    call each), all at once by default."""
+    return prepare_batch(columns_of(messages, chunk), payload_format, source_of, RECEIVED)
+
+
+def columns_of(messages: list[Message], chunk: int | None = None) -> MessageColumns:
+    columns = MessageColumns.empty()
+    step = chunk or max(1, len(messages))
+    for start in range(0, len(messages), step):
+        columns.extend(MessageColumns.of(messages[start : start + step]))
+    return columns
 
 
 def frames(batch: PreparedBatch) -> dict[str | None, pl.DataFrame]:
@@ -157,9 +170,10 @@ specs = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(specs=specs)
+@given(specs=specs, chunk=st.sampled_from([None, 1, 3, 7]))
 def test_every_message_lands_once_where_the_contract_says(
     specs: list[tuple[str, int, bytes | None, Any, tuple[int, int], bytes | None]],
+    chunk: int | None,
 ) -> None:
     next_offset: dict[tuple[str, int], int] = {}
     messages = []
@@ -177,7 +191,7 @@ def test_every_message_lands_once_where_the_contract_says(
                 timestamp=stamp,
             )
         )
-    batch = prepare(messages)
+    batch = prepare(messages, chunk=chunk)
     out = frames(batch)
 
     assert batch.messages == len(messages)
@@ -292,6 +306,41 @@ def test_first_offsets_and_positions_per_partition() -> None:
     batch = prepare(messages)
     assert batch.positions == {("plant", 0): 8, ("plant", 1): 11}
     assert frames(batch)["readings"].width == len(KAFKA_LINEAGE_COLUMNS)  # `{}`: lineage only
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2])
+def test_payload_bytes_count_values_and_keys(chunk: int | None) -> None:
+    values: list[bytes | None] = [b'{"a": 1}', b"{\n}", None, b"", b'{"b": 22}']
+    messages = [message(v, offset=i, key=b"k" if i == 1 else None) for i, v in enumerate(values)]
+    assert columns_of(messages, chunk).payload_bytes() == 8 + 3 + 0 + 0 + 9 + 1
+
+
+def test_only_suspect_values_are_parsed_one_by_one_for_their_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import landing_zone.kafka_batch as kafka_batch
+
+    checked: list[bytes] = []
+    check = kafka_batch.json_object_error
+
+    def spy(value: bytes) -> str | None:
+        checked.append(value)
+        return check(value)
+
+    monkeypatch.setattr(kafka_batch, "json_object_error", spy)
+    values = [b'{"a": %d}' % i for i in range(1000)]
+    values[10], values[500] = b'{"a": ', b'"text"'
+    values[700] = b'{"a": 1e400}'  # JSON to Python (not to Polars' reader): kept, not poison
+    out = frames(prepare([message(v, offset=i) for i, v in enumerate(values)]))
+    assert sorted(checked) == sorted([values[10], values[500], values[700]])
+    assert out[None]["kafka_offset"].to_list() == ["10", "500"]
+    assert out[None]["error"].to_list()[1] == "expected a JSON object, got a string"
+    assert out["readings"].height == 998
+    assert "700" in out["readings"]["kafka_offset"].to_list()
+
+
+def test_warm_up_prepares_a_batch() -> None:
+    warm_up()  # no broker, no landing: only the one-off costs of a first batch
 
 
 def test_an_error_event_is_refused() -> None:

@@ -574,6 +574,31 @@ def test_regex_subscription_picks_up_new_topics(broker: TansuBroker, data_dir: P
     assert not (data_dir / "landing" / "not_rx").exists()
 
 
+# ------------------------------------------------------------- batch closing
+
+
+def test_a_drained_backlog_lands_at_once_but_a_trickle_waits(
+    broker: TansuBroker, data_dir: Path
+) -> None:
+    topic = "drained"
+    broker.create_topic(topic, partitions=1)
+    # More than one consume call's worth (a full chunk: a backlog), less than a batch.
+    broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": 0} for i in range(2500)])
+    # Only the size or latency bound could close this batch before: neither is reached.
+    slow = {"batch_max_messages": 100_000, "batch_max_latency_ms": 600_000}
+    config = _config(broker, "g-drained", topics=[topic], **slow)
+    with running(config, data_dir) as bridge:
+        # Caught up: landed and committed once a poll brings nothing more.
+        wait_until(lambda: _count(data_dir, topic) == 2500, timeout=30)
+        wait_until(lambda: broker.committed("g-drained", topic, 1) == {0: 2500}, timeout=10)
+        # A trickle (no full consume call) still waits for the latency bound.
+        broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": 0} for i in range(3)])
+        wait_until(lambda: bridge.messages_in == 2503, timeout=30)
+        time.sleep(1.0)
+        assert _count(data_dir, topic) == 2500
+    assert _count(data_dir, topic) == 2503  # flushed on stop
+
+
 # ------------------------------------------------------------------------ lag
 
 
