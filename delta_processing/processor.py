@@ -68,6 +68,14 @@ class CycleReport:
     def did_work(self) -> bool:
         return bool(self.bronze or self.silver or self.gold)
 
+    def absorb(self, later: CycleReport) -> None:
+        """Add what a later cycle did (an outage in any of them marks the whole)."""
+        self.bronze += later.bronze
+        self.silver += later.silver
+        self.gold += later.gold
+        self.failures += later.failures
+        self.storage_unavailable = self.storage_unavailable or later.storage_unavailable
+
 
 def _observe_stage(
     metrics: PipelineMetrics, stage: str, source: str, started: float, rows: int
@@ -359,11 +367,7 @@ class Processor:
                 # Looked at *before* the cycle: a file that settles during a cycle it
                 # missed gets one more cycle.
                 waiting = self._layout.has_unsettled_files(settle_s)  # a copy may be running
-                more = self.run_cycle()
-                report.bronze += more.bronze
-                report.silver += more.silver
-                report.gold += more.gold
-                report.failures += more.failures
+                report.absorb(self.run_cycle())
                 if not waiting:
                     return report
                 time.sleep(max(settle_s / 4, 0.05))

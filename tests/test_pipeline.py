@@ -17,7 +17,7 @@ from config.contracts import load_contracts
 from config.settings import Settings
 from delta_processing.bronze import BRONZE_APP_ID
 from delta_processing.column_names import delta_safe_names
-from delta_processing.processor import Processor, ProcessorLock, ProcessorLockedError
+from delta_processing.processor import CycleReport, Processor, ProcessorLock, ProcessorLockedError
 from delta_processing.tables import TableStore
 from landing_zone.formats import decode_batch
 from landing_zone.layout import LandingLayout
@@ -446,3 +446,16 @@ def test_bronze_batches_are_bounded_by_rows(data_dir: Path) -> None:
     assert not report.failures
     assert [(b.files, b.rows) for b in report.bronze] == [(1, 10), (1, 10), (1, 25), (2, 6)]
     assert sum(r.upserted for r in report.silver) == 51
+
+
+def test_run_once_reports_an_outage_of_any_of_its_cycles(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`process --once` sums its cycles; a cycle cut short by a storage outage must not
+    vanish from the sum (it used to be dropped field by field)."""
+    processor = Processor(settings, load_contracts())
+    outage = CycleReport(failures=["readings: store down"], storage_unavailable=True)
+    monkeypatch.setattr(Processor, "run_cycle", lambda self: outage)
+    report = processor.run_once()
+    assert report.storage_unavailable
+    assert report.failures == ["readings: store down"]
