@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     batch_max_rows: int = Field(
         250_000,
         ge=1,
-        description="Rows per bronze micro-batch (bounds the processor's memory: ~4 KiB/row).",
+        description="Rows per bronze micro-batch (bounds the processor's memory: two "
+        "micro-batches, one ingested ahead during a backlog, ~4 KiB/row each).",
     )
     gold_catch_up_ms: int = Field(
         1000,

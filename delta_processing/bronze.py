@@ -89,7 +89,9 @@ class BronzeLimits:
     """Micro-batch bounds: at most this many files / bytes / rows per bronze commit.
 
     Rows bound the memory of the whole micro-batch (silver and gold work on it in
-    memory); a single file larger than a bound still goes alone.
+    memory; during a backlog the next one is ingested meanwhile, see
+    :mod:`delta_processing.lookahead`); a single file larger than a bound still goes
+    alone.
     """
 
     max_files: int
@@ -136,13 +138,13 @@ class BronzeIngestor:
         """Finish claims left by a previous run: archive committed ones, commit the rest."""
         results = []
         for seq, directory in self._layout.inflight_batches(source):
-            committed = consumed_version(self._table(source), BRONZE_APP_ID) or 0
+            table = self._table(source)
+            committed = consumed_version(table, BRONZE_APP_ID) or 0
             if seq <= committed:
                 log.info("bronze.recover.already_committed", source=source, seq=seq)
                 self._archive(source, directory)
             else:
                 log.info("bronze.recover.recommit", source=source, seq=seq)
-                table = self._table(source)
                 results.append(self._commit_or_give_up(source, seq, directory, table))
         return results
 

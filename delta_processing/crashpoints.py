@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 POINTS = frozenset(
     {
@@ -30,6 +31,7 @@ class CrashPoints:
     def __init__(self, spec: str | None) -> None:
         self._target: str | None = None
         self._remaining = 0
+        self._lock = threading.Lock()
         if spec:
             name, _, count = spec.partition(":")
             if name not in POINTS:
@@ -43,6 +45,8 @@ class CrashPoints:
         """Mark that ``point`` was reached; SIGKILL ourselves if it is the configured pass."""
         if point != self._target:
             return
-        self._remaining -= 1
-        if self._remaining <= 0:
+        with self._lock:  # bronze's look-ahead thread passes the same points
+            self._remaining -= 1
+            due = self._remaining <= 0
+        if due:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -15,11 +15,20 @@ runs is recovered exactly as a kill of the sequential processor is.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 from delta_processing.bronze import AppendedRows, BronzeBatchResult, BronzeIngestor
 
-Ingested = tuple[BronzeBatchResult | None, AppendedRows | None]
+
+@dataclass(frozen=True)
+class Ingested:
+    """One bronze micro-batch of a source, however it was run."""
+
+    batch: BronzeBatchResult | None  # None: no file waited
+    appended: AppendedRows | None  # its rows, for silver (None: nothing appended)
+    seconds: float  # the ingest's own duration (ahead: not the caller's wait for it)
 
 
 class BronzeLookahead:
@@ -31,11 +40,8 @@ class BronzeLookahead:
         self._pool: ThreadPoolExecutor | None = None  # started on the first look-ahead
 
     def next(self, source: str) -> Ingested:
-        """The source's next micro-batch and its appended rows (``(None, None)``: none).
-
-        The batch ingested ahead, if there is one (its failure is raised here), else
-        one ingested now.
-        """
+        """The source's next micro-batch: the one ingested ahead, if there is one (its
+        failure is raised here), else one ingested now."""
         ahead = self._ahead.pop(source, None)
         if ahead is not None:
             return ahead.result()
@@ -49,17 +55,35 @@ class BronzeLookahead:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bronze-ahead")
         self._ahead[source] = self._pool.submit(self._ingest, source)
 
-    def settle(self) -> None:
-        """Wait until no batch is being ingested ahead (results wait for :meth:`next`)."""
-        wait(list(self._ahead.values()))
+    def drain(self) -> dict[str, Ingested | Exception]:
+        """Wait for every batch ingested ahead and hand over what :meth:`next` did not
+        take (a source's step failed, or an outage ended the cycle), per source.
+
+        Nothing is carried into the next cycle: a late failure would be raised there
+        as if it were new (an outage that has passed, say), and a committed batch is
+        in bronze anyway, where silver reads it from the change feed.
+        """
+        ahead, self._ahead = self._ahead, {}
+        wait(ahead.values())
+        outcomes: dict[str, Ingested | Exception] = {}
+        for source, future in ahead.items():
+            failure = future.exception()
+            if failure is None:
+                outcomes[source] = future.result()
+            elif isinstance(failure, Exception):
+                outcomes[source] = failure
+            else:  # a panic or an exit: as if it had happened on the caller's thread
+                raise failure
+        return outcomes
 
     def close(self) -> None:
-        """Settle and stop the worker thread."""
-        self.settle()
+        """Stop the worker thread (call :meth:`drain` first)."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
 
     def _ingest(self, source: str) -> Ingested:
+        started = time.perf_counter()
         batch = self._bronze.ingest_next(source)
-        return batch, self._bronze.take_appended(source)
+        appended = self._bronze.take_appended(source)
+        return Ingested(batch, appended, time.perf_counter() - started)

@@ -30,7 +30,7 @@ from delta_processing.crashpoints import CrashPoints
 from delta_processing.expectations import check_contracts
 from delta_processing.gold import GoldRefresher, GoldResult
 from delta_processing.housekeeping import maintain_all
-from delta_processing.lookahead import BronzeLookahead
+from delta_processing.lookahead import BronzeLookahead, Ingested
 from delta_processing.maintenance import policy_for
 from delta_processing.metrics import PipelineMetrics
 from delta_processing.retention import RetentionPolicy, apply_retention
@@ -165,14 +165,19 @@ class Processor:
         outage ends the cycle (``storage_unavailable``): every source's tables are on
         the same store, and each would wait out object_store's own retries in turn.
         """
+        report = CycleReport()
         try:
-            return self._cycle()
+            self._cycle(report)
         finally:
             # Nothing may touch bronze between cycles while a batch is ingested ahead.
-            self._lookahead.settle()
+            for source, outcome in self._lookahead.drain().items():
+                if isinstance(outcome, Exception):
+                    self._source_failed(source, outcome, report)
+                else:
+                    self._bronze_done(source, outcome, report)
+        return report
 
-    def _cycle(self) -> CycleReport:
-        report = CycleReport()
+    def _cycle(self, report: CycleReport) -> None:
         pending = sorted(set(self._contracts) | set(self._layout.sources_with_files()))
         first_turn = True
         while pending:
@@ -186,42 +191,54 @@ class Processor:
                 except BaseException as exc:
                     if isinstance(exc, KeyboardInterrupt | SystemExit):
                         raise
-                    self.metrics.stage_failures.labels(source).inc()
-                    report.failures.append(f"{source}: {exc}")
-                    if is_storage_unavailable(exc):
-                        # Expected while the store is away, and retried: one line, no
-                        # traceback per cycle.
-                        log.warning(
-                            "processor.storage_unavailable", source=source, error=brief(exc)
-                        )
-                        report.storage_unavailable = True
-                        self.metrics.storage_unavailable.inc()
-                        return report
-                    # Polars/deltalake panics are BaseExceptions: a bad source must
-                    # not kill the processor or starve the others.
-                    log.exception("processor.source_failed", source=source)
+                    self._source_failed(source, exc, report)
+                    if report.storage_unavailable:
+                        return
             pending = still_busy
             first_turn = False
-        return report
+
+    def _source_failed(self, source: str, exc: BaseException, report: CycleReport) -> None:
+        self.metrics.stage_failures.labels(source).inc()
+        report.failures.append(f"{source}: {exc}")
+        if is_storage_unavailable(exc):
+            # Expected while the store is away, and retried: one line, no traceback per
+            # cycle.
+            log.warning("processor.storage_unavailable", source=source, error=brief(exc))
+            if not report.storage_unavailable:
+                report.storage_unavailable = True
+                self.metrics.storage_unavailable.inc()
+            return
+        # Polars/deltalake panics are BaseExceptions: a bad source must not kill the
+        # processor or starve the others.
+        log.error("processor.source_failed", source=source, exc_info=exc)
+
+    def _bronze_done(self, source: str, ingested: Ingested, report: CycleReport) -> None:
+        batch = ingested.batch
+        if batch is None:
+            return
+        report.bronze.append(batch)
+        if batch.files:  # a batch of only unreadable files commits nothing
+            metrics = self.metrics
+            metrics.stage_seconds.labels("bronze").observe(ingested.seconds)
+            metrics.stage_batches.labels("bronze", source).inc()
+            metrics.stage_rows.labels("bronze", source).inc(batch.rows)
+        if batch.quarantined_files:
+            self.metrics.quarantined_files.labels(source).inc(batch.quarantined_files)
 
     def _step(self, source: str, report: CycleReport) -> bool:
         """One bronze micro-batch of ``source``, then silver and gold; True if bronze had work."""
         metrics = self.metrics
-        started = time.perf_counter()
-        batch, appended = self._lookahead.next(source)
+        ingested = self._lookahead.next(source)
+        batch = ingested.batch
         if batch is not None and batch.backlog:
             # More files wait: ingest them while this batch goes through silver and gold.
             self._lookahead.start(source)
-        if batch is not None:
-            report.bronze.append(batch)
-            if batch.files:  # a batch of only unreadable files commits nothing
-                _observe_stage(metrics, "bronze", source, started, batch.rows)
-            if batch.quarantined_files:
-                metrics.quarantined_files.labels(source).inc(batch.quarantined_files)
+        self._bronze_done(source, ingested, report)
         contract = self._contracts.get(source)
         if contract is not None:
             started = time.perf_counter()
-            promoted = self._silver.promote(contract, appended)
+            promoted = self._silver.promote(contract, ingested.appended)
+            del ingested  # its rows: the batch ahead is in memory meanwhile
             if promoted is not None:
                 report.silver.append(promoted)
                 _observe_stage(metrics, "silver", source, started, promoted.upserted)

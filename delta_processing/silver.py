@@ -233,9 +233,14 @@ def _bronze_inserts(
     commits: list[dict[str, Any]],
 ) -> pl.DataFrame:
     """The rows bronze versions ``start..end`` inserted: ``appended`` when it is exactly
-    that one version (and bronze's latest, so its schema is the one to shape it to),
-    else read back through the change feed."""
-    if appended is not None and start == end == appended.version == bronze.version():
+    that one version and ``bronze`` is loaded at it (its schema is the one to shape the
+    rows to), else read back through the change feed."""
+    if (
+        appended is not None
+        and start == end == appended.version == bronze.version()
+        # A column the table lacks is never expected; the change feed is the truth then.
+        and set(appended.rows.columns) <= set(table_columns(bronze))
+    ):
         committed = [int(c["timestamp"]) for c in commits if int(c["version"]) == end]
         if committed:
             return as_inserts(appended.rows, bronze, end, committed[0])
@@ -254,9 +259,11 @@ class SilverPromoter:
     ) -> SilverResult | None:
         """Consume the bronze versions not yet in silver, quarantine and quality.
 
-        ``appended``: the rows of bronze's latest commit if the caller still holds them
-        (see :class:`~delta_processing.bronze.AppendedRows`); used only when that
-        commit is exactly what is to be consumed, otherwise the change feed is read.
+        ``appended``: the rows of a bronze commit the caller still holds (see
+        :class:`~delta_processing.bronze.AppendedRows`). Bronze is then read as of that
+        commit (bronze may be further already, see :mod:`delta_processing.lookahead`),
+        and the rows are used when that commit is exactly what is to be consumed;
+        otherwise the change feed is read.
 
         Returns ``None`` when everything is up to date. Raises
         :class:`~delta_processing.expectations.ExpectationFailed` (nothing committed)

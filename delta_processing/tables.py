@@ -104,9 +104,13 @@ class TableStore:
         """The table (at ``version``, else its latest), or ``None`` if it was never created."""
         tables: dict[tuple[str, str, bool], DeltaTable] | None = None
         if self._reused is not None:
-            tables = self._reused.__dict__.setdefault("tables", {})
+            tables = getattr(self._reused, "tables", None)
+            if tables is None:
+                tables = self._reused.tables = {}
             key = (layer, name, version is not None)
             table = tables.pop(key, None)
+            if table is not None and not self._still_there(layer, name, table.version()):
+                table = None  # deleted (or re-created) behind our back: load it afresh
             if table is not None:
                 try:
                     if version is None:
@@ -125,6 +129,15 @@ class TableStore:
         if tables is not None:
             tables[(layer, name, version is not None)] = table
         return table
+
+    def _still_there(self, layer: Layer, name: str, version: int) -> bool:
+        """Whether a local table still has the commit a reused object is at (a table
+        deleted by hand would otherwise live on in the object, which
+        ``update_incremental`` finds nothing new for). Object stores: assumed."""
+        local = self.local_root
+        if local is None:
+            return True
+        return (local / layer / name / "_delta_log" / f"{version:020d}.json").is_file()
 
     def list(self, layer: Layer) -> list[str]:
         """Names of the Delta tables of one layer."""
@@ -365,7 +378,7 @@ def merge(
     if table.version() == before:
         append(table, source.clear(), marker, evolve_schema=evolve_schema)
     else:
-        sync_latest_commit(table)
+        sync_commit(table, table.version())  # the MERGE moved it to its commit
 
 
 REFRESH_MARK = "lakehouse.refresh"

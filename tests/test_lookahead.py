@@ -10,11 +10,14 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from deltalake import DeltaTable
 
+import delta_processing.silver as silver_module
 from config.contracts import load_contracts
 from config.settings import Settings, load_settings
 from delta_processing.bronze import BronzeIngestor
 from delta_processing.processor import Processor
+from delta_processing.silver import SilverPromoter
 from tests.helpers import land_records
 
 FILES = 6
@@ -59,12 +62,26 @@ def test_a_backlog_is_ingested_ahead_and_lands_exactly_once(
         return ingest_next(self, source)
 
     monkeypatch.setattr(BronzeIngestor, "ingest_next", recording)
+    feed_reads: list[int] = []
+    real_read_changes = silver_module.read_changes
+
+    def counting_read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
+        feed_reads.append(end)
+        return real_read_changes(table, start, end)
+
+    monkeypatch.setattr(silver_module, "read_changes", counting_read_changes)
     data_dir = backlog_settings.data_dir
     _land_backlog(data_dir)
     report = Processor(backlog_settings, load_contracts()).run_once()
     assert not report.failures
     assert len([b for b in report.bronze if b.files]) == FILES
     assert any(name.startswith("bronze-ahead") for name in threads), threads
+    # Silver took each bronze commit once, in order, from the rows handed over (bronze
+    # being a batch ahead did not make it read the change feed).
+    versions = [s.bronze_version for s in report.silver]
+    assert versions == sorted(set(versions)) and len(versions) == FILES
+    assert sum(s.rows_in for s in report.silver) == FILES * ROWS_PER_FILE
+    assert feed_reads == []
     keys = _silver_keys(data_dir)
     assert keys.height == FILES * ROWS_PER_FILE
     assert not keys.is_duplicated().any()
@@ -92,9 +109,39 @@ def test_a_failure_ahead_is_reported_for_its_source_and_retried(
     _land_backlog(data_dir)
     processor = Processor(backlog_settings, load_contracts())
     first = processor.run_cycle()
-    assert any("disk hiccup while ingesting ahead" in f for f in first.failures)
+    assert any(f.startswith("readings: disk hiccup while ingesting ahead") for f in first.failures)
     processor.run_once()  # the failed claim is recovered, the rest drained
     keys = _silver_keys(data_dir)
     assert keys.height == FILES * ROWS_PER_FILE
     assert not keys.is_duplicated().any()
     assert pl.read_delta(str(data_dir / "bronze" / "readings")).height == FILES * ROWS_PER_FILE
+
+
+def test_a_batch_ahead_of_a_failed_step_ends_with_its_cycle(
+    backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silver fails once while the next batch is being ingested ahead: that batch is
+    reported by the cycle it ran in, and the next cycle starts clean (no stale result,
+    no stale failure), and nothing is lost or doubled."""
+    promote = SilverPromoter.promote
+    failed: list[bool] = []
+
+    def failing_once(self: SilverPromoter, *args: object, **kwargs: object) -> object:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("silver hiccup")
+        return promote(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SilverPromoter, "promote", failing_once)
+    data_dir = backlog_settings.data_dir
+    _land_backlog(data_dir)
+    processor = Processor(backlog_settings, load_contracts())
+    first = processor.run_cycle()
+    assert first.failures == ["readings: silver hiccup"]
+    assert len([b for b in first.bronze if b.files]) == 2  # the failed step's and the one ahead
+    second = processor.run_cycle()
+    assert second.failures == [] and not second.storage_unavailable
+    assert len([b for b in second.bronze if b.files]) == FILES - 2
+    assert sum(s.rows_in for s in [*first.silver, *second.silver]) == FILES * ROWS_PER_FILE
+    keys = _silver_keys(data_dir)
+    assert keys.height == FILES * ROWS_PER_FILE
