@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import threading
@@ -119,6 +120,10 @@ def _run_one(name: str, config: Path | None, metrics_port: int | None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # flush the open batch, then exit
         signal.signal(signum, lambda *_: stop.set())
+    # What start-up built (modules, settings) lives as long as the process: out of the
+    # cyclic collector's sight, a full collection (~100 ms with the GIL held, twice per
+    # million Kafka messages) only walks what the bridge allocated since.
+    gc.freeze()
     bridge.run(stop)
 
 
