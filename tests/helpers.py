@@ -15,6 +15,8 @@ from typing import TypeVar
 
 import httpx
 import polars as pl
+import pytest
+from deltalake import DeltaTable
 
 from config.contracts import load_contracts
 from delta_processing.gold import gold_frame
@@ -153,3 +155,18 @@ def land_records(
         source, decode_batch(body, "ndjson"), correlation_id=correlation_id
     )
     return receipt.path.name
+
+
+def count_change_feed_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the end version of every change feed read silver makes (from now on)."""
+    import delta_processing.silver as silver_module
+
+    reads: list[int] = []
+    real_read_changes = silver_module.read_changes
+
+    def counting(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
+        reads.append(end)
+        return real_read_changes(table, start, end)
+
+    monkeypatch.setattr(silver_module, "read_changes", counting)
+    return reads

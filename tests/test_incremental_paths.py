@@ -22,7 +22,6 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-import delta_processing.silver as silver_module
 from config.contracts import load_contracts
 from config.settings import Settings, load_settings
 from delta_processing.bronze import BronzeIngestor, BronzeLimits
@@ -39,7 +38,7 @@ from delta_processing.processor import Processor
 from delta_processing.silver import SilverPromoter
 from delta_processing.tables import TableStore, as_inserts, read_changes
 from landing_zone.layout import LandingLayout
-from tests.helpers import land_records
+from tests.helpers import count_change_feed_reads, land_records
 
 SPELLINGS = [
     "2026-11-20T00:00:00Z",
@@ -434,14 +433,7 @@ def test_silver_from_appended_rows_equals_silver_from_the_change_feed(
         [_reading(3, 3.0), _reading(2, 20.0, "d2")],
         [_reading(2, 21.0), _reading(4, 4.0)],  # updates a stored key: a MERGE
     ]
-    feed_reads: list[int] = []
-    real_read_changes = silver_module.read_changes
-
-    def counting_read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
-        feed_reads.append(end)
-        return real_read_changes(table, start, end)
-
-    monkeypatch.setattr(silver_module, "read_changes", counting_read_changes)
+    feed_reads = count_change_feed_reads(monkeypatch)
     results: dict[str, dict[str, pl.DataFrame]] = {}
     for mode in ("appended", "change feed"):
         data_dir = tmp_path / mode.replace(" ", "_")

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from deltalake import DeltaTable
 
-import delta_processing.silver as silver_module
 from config.contracts import load_contracts
 from config.settings import Settings, load_settings
 from delta_processing.bronze import BronzeIngestor
 from delta_processing.processor import Processor
 from delta_processing.silver import SilverPromoter
-from tests.helpers import land_records
+from tests.helpers import count_change_feed_reads, land_records
 
 FILES = 6
 ROWS_PER_FILE = 50
@@ -62,14 +60,7 @@ def test_a_backlog_is_ingested_ahead_and_lands_exactly_once(
         return ingest_next(self, source)
 
     monkeypatch.setattr(BronzeIngestor, "ingest_next", recording)
-    feed_reads: list[int] = []
-    real_read_changes = silver_module.read_changes
-
-    def counting_read_changes(table: DeltaTable, start: int, end: int) -> pl.DataFrame:
-        feed_reads.append(end)
-        return real_read_changes(table, start, end)
-
-    monkeypatch.setattr(silver_module, "read_changes", counting_read_changes)
+    feed_reads = count_change_feed_reads(monkeypatch)
     data_dir = backlog_settings.data_dir
     _land_backlog(data_dir)
     report = Processor(backlog_settings, load_contracts()).run_once()
