@@ -8,13 +8,15 @@ the record shape (payload columns, lineage columns) and what makes a message poi
 This is the bridge's hot path, run for every message. :meth:`MessageColumns.of`
 (on the consuming thread) reads the consumed messages only through the C accessors
 of ``confluent_kafka.Message`` mapped over the whole list (``map(Message.value,
-messages)``: no Python frame per message) and keeps what they return as it is;
-everything else runs in :func:`prepare_batch`, on the preparing thread: one NDJSON
-parse of all JSON payloads of a source, the lineage columns as Polars series (a
-column that is the same for the whole batch, such as the topic, as one repeated
-value). Per-message Python runs only for what is rare: a key or raw payload that is
-not UTF-8, message headers, and the poison values of a batch that holds some (found
-by one bulk check in Polars; only those are parsed again in Python, for their error).
+messages)``: no Python frame per message) and keeps what they return, but for the
+headers, which it turns into their ``kafka_headers`` text at once (see
+:class:`MessageColumns`); everything else runs in :func:`prepare_batch`, on the
+preparing thread: one NDJSON parse of all JSON payloads of a source, the lineage
+columns as Polars series (a column that is the same for the whole batch, such as the
+topic, as one repeated value). Per-message Python runs only for what is rare: a key or
+raw payload that is not UTF-8, messages with headers, and the poison values of a batch
+that holds some (found by one bulk check in Polars; only those are parsed again in
+Python, for their error).
 """
 
 from __future__ import annotations
@@ -78,7 +80,10 @@ class MessageColumns:
     Taken from the ``Message`` objects as soon as they are consumed, so those die
     young: a batch of thousands of live ``Message`` objects (each tracked by the cyclic
     garbage collector) costs full collections, while these lists hold only bytes,
-    strings and integers, which the collector never looks at.
+    strings and integers, which the collector never looks at. That is why a message's
+    headers (lists of tuples, which the collector tracks) are kept as their
+    ``kafka_headers`` text, made as they are consumed; ``None`` for a message without
+    headers, the common case, which costs no Python per message.
 
     ``lines`` holds, per consume call, its values joined into NDJSON (one line per
     value; ``None`` if a value is null or holds a newline): joined while they are fresh
@@ -91,7 +96,7 @@ class MessageColumns:
     keys: list[bytes | None]
     values: list[bytes | None]
     timestamps: list[int | None]  # epoch milliseconds; None: the broker reports none
-    headers: list[Headers | None]  # as consumed; kafka_headers is made of them later
+    headers: list[str | None]  # the kafka_headers text; None: no headers ("{}")
     lines: list[bytes | None]  # per consume call, not per message: see above
 
     @classmethod
@@ -108,6 +113,13 @@ class MessageColumns:
         if None in topics or None in partitions or None in offsets:
             raise ValueError("consumed a message without a position (an error event?)")
         values = list(map(Message.value, messages))
+        raw_headers = list(map(Message.headers, messages))
+        headers: list[str | None]
+        if raw_headers.count(None) == len(raw_headers):
+            headers = cast(list[str | None], raw_headers)  # all None: kept, no copy
+        else:
+            memo: dict[object, str] = {}  # most messages repeat a few header sets
+            headers = [_header_text(h, memo) for h in raw_headers]
         return cls(
             cast(list[str], topics),
             cast(list[int], partitions),
@@ -115,7 +127,7 @@ class MessageColumns:
             list(map(Message.key, messages)),
             values,
             _timestamps(messages),
-            list(map(Message.headers, messages)),
+            headers,
             [_ndjson_lines(values)],
         )
 
@@ -235,7 +247,7 @@ def prepare_batch(
     return PreparedBatch(writes, positions, len(batch))
 
 
-def warm_up() -> None:
+def warm_up() -> PreparedBatch:
     """Prepare a made-up batch once, for the one-off costs of the first real one.
 
     The first NDJSON parse large enough for formats' sampled reader initialises pyarrow
@@ -256,7 +268,7 @@ def warm_up() -> None:
         [None] * count,
         [_ndjson_lines([value] * count)],
     )
-    prepare_batch(batch, "json", lambda _topic: "warm_up", "")
+    return prepare_batch(batch, "json", lambda _topic: "warm_up", "")
 
 
 # ------------------------------------------------------------------ lineage
@@ -378,18 +390,18 @@ def _headers_json(headers: Headers | None) -> str:
     return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
 
 
-def _headers(raw: list[Headers | None]) -> pl.Series:
-    """The ``kafka_headers`` texts; most messages have none, or repeat a few header sets."""
-    count = len(raw)
-    if raw.count(None) == count:
+def _headers(texts: list[str | None]) -> pl.Series:
+    """The ``kafka_headers`` column: ``"{}"`` for a message without headers (``None``)."""
+    count = len(texts)
+    if texts.count(None) == count:
         return pl.repeat(_NO_HEADERS, count, dtype=pl.String, eager=True)
-    memo: dict[object, str] = {}
-    return pl.Series([_cached_headers(h, memo) for h in raw], dtype=pl.String)
+    return pl.Series(texts, dtype=pl.String).fill_null(_NO_HEADERS)
 
 
-def _cached_headers(raw: Headers | None, memo: dict[object, str]) -> str:
+def _header_text(raw: Headers | None, memo: dict[object, str]) -> str | None:
+    """The ``kafka_headers`` text of ``raw`` (``None`` without headers), memoised in ``memo``."""
     if not raw:
-        return _NO_HEADERS
+        return None
     key = tuple(raw) if isinstance(raw, list) else None
     text = memo.get(key) if key is not None else None
     if text is None:
@@ -534,10 +546,15 @@ def _decode_each(values: list[bytes]) -> tuple[pl.DataFrame | None, dict[int, st
         except MalformedBatch as exc:
             errors[index] = str(exc).removeprefix(f"line {exc.line}: ")
             continue
+        if not frame.width:
+            # ``{}`` (or blank around it): formats frames a lone record without fields as
+            # no row, but the value passed the object check (_poison): one record.
+            frames.append(pl.DataFrame({"__empty": [None]}))
+            continue
         if frame.height != 1:
             errors[index] = "expected exactly one JSON object"
             continue
-        frames.append(frame if frame.width else pl.DataFrame({"__empty": [None]}))
+        frames.append(frame)
     if not frames:
         return None, errors
     merged = pl.concat(frames, how="diagonal")

@@ -85,9 +85,12 @@ pay for one-off start-up.
 
 A batch is closed when it reaches ``batch_max_messages`` or ``batch_max_bytes``,
 when its first message is ``batch_max_latency_ms`` old, or, for a batch filled
-from a backlog (some consume call returned a whole chunk), as soon as a poll
-(``poll_timeout_ms``) brings no more messages: the backlog is drained, and the
-latency bound would only delay its tail.
+from a backlog (at least :data:`_BACKLOG_FULL_CALLS` consume calls went into it
+whole: ten thousand messages), as soon as a poll (``poll_timeout_ms``) brings no
+more messages: the backlog is drained, and the latency bound would only delay
+its tail. A burst (a fleet of devices publishing on the minute) is no backlog:
+it waits for the latency bound like a trickle, so a long bound still means few
+files.
 """
 
 from __future__ import annotations
@@ -156,6 +159,12 @@ _CONSUME_CHUNK = 1000
 # Longest consume wait while a batch is being prepared: it is landed this soon after it
 # is ready even when no message comes (a consume call cannot be woken up).
 _PREPARING_POLL_S = 0.01
+# Whole consume calls (of _CONSUME_CHUNK messages) that make a batch a backlog, landed
+# as soon as it is drained instead of after batch_max_latency_ms. A burst of a few
+# thousand messages (devices publishing on the minute) fills a call or two; landing it
+# at once would make a file per burst of a user who set a long latency bound to get
+# few files. Ten thousand messages are a backlog no latency bound is meant to hold.
+_BACKLOG_FULL_CALLS = 10
 
 OptionValue = str | int | float | bool
 
@@ -317,7 +326,7 @@ class KafkaBridge:
         self._buffer = MessageColumns.empty()
         self._buffer_bytes = 0
         self._buffer_since = 0.0
-        self._buffer_backlog = False  # a consume call filled a whole chunk of the buffer
+        self._buffer_full_calls = 0  # consume calls that filled a whole chunk of the buffer
         self._last_message_at = 0.0
         self._pending: list[_InFlight] = []  # oldest first
         self._preparer: ThreadPoolExecutor | None = None
@@ -447,16 +456,18 @@ class KafkaBridge:
         if self._buffer:
             due = self._buffer_since + self.config.batch_max_latency_ms / 1000
             timeout = max(0.0, min(timeout, due - now))
-        if self._pending:
+        if self._pending and not self._write_backoff:
+            # The oldest batch is still being prepared (_land above wrote any that was
+            # ready): look again soon. Not while a failed write waits for its retry: that
+            # batch stays pending for up to _WRITE_RETRY_MAX_S.
             timeout = min(timeout, _PREPARING_POLL_S)
         room = max(1, min(_CONSUME_CHUNK, self.config.batch_max_messages - len(self._buffer)))
         messages = consumer.consume(num_messages=room, timeout=timeout)
         taken = len(messages)
-        if messages:
-            self._take(messages)
+        kept = self._take(messages) if messages else 0
         del messages  # let the Message objects die young (see MessageColumns)
-        if taken == room:
-            self._buffer_backlog = True
+        if kept == room:  # data messages only: error events fill no batch
+            self._buffer_full_calls += 1
         retry_due = not self._pending or time.monotonic() >= self._write_retry_at
         if self._buffer and retry_due and (self._batch_due() or self._drained()):
             self._cut()
@@ -465,7 +476,8 @@ class KafkaBridge:
             caught_up = taken < room
             self._land(wait=True, keep=0 if caught_up else _MAX_BATCHES_IN_FLIGHT)
 
-    def _take(self, messages: list[Message]) -> None:
+    def _take(self, messages: list[Message]) -> int:
+        """Add the data messages to the buffer (error events are reported); how many."""
         # Whole-batch passes over the C accessors: no Python code runs per message.
         if any(map(Message.error, messages)):
             kept = []
@@ -477,7 +489,7 @@ class KafkaBridge:
                     self._on_error(error)
             messages = kept
             if not messages:
-                return
+                return 0
         try:
             columns = MessageColumns.of(messages)
         except ValueError as exc:  # only error events lack a position, and they are out
@@ -489,6 +501,7 @@ class KafkaBridge:
         self._buffer.extend(columns)
         self._buffer_bytes += columns.payload_bytes()
         self.messages_in += len(columns)
+        return len(columns)
 
     def _batch_due(self) -> bool:
         return (
@@ -501,13 +514,15 @@ class KafkaBridge:
         """Whether the open batch was filled from a backlog that is now drained.
 
         Such a batch is landed at once: the consumer has caught up, and waiting for
-        ``batch_max_latency_ms`` would only delay it. Drained: a whole poll
-        (``poll_timeout_ms``) brought no message. A trickle (no consume call ever
-        returning a full chunk) still waits for the latency bound, or it would become
-        a landing file per message.
+        ``batch_max_latency_ms`` would only delay it. Filled from a backlog: at least
+        :data:`_BACKLOG_FULL_CALLS` whole consume calls went into it. Drained: a whole
+        poll (``poll_timeout_ms``) brought no message. A trickle or a burst (fewer
+        whole calls) still waits for the latency bound, or a long bound would no
+        longer mean few files.
         """
-        idle = time.monotonic() - self._last_message_at
-        return self._buffer_backlog and idle >= self.config.poll_timeout_ms / 1000
+        if self._buffer_full_calls < _BACKLOG_FULL_CALLS:
+            return False
+        return time.monotonic() - self._last_message_at >= self.config.poll_timeout_ms / 1000
 
     def _shutdown(self) -> None:
         if self._flush() and self._uncommitted:
@@ -534,7 +549,7 @@ class KafkaBridge:
         self._pending.append(_InFlight(prepared, self._buffer))
         self._buffer = MessageColumns.empty()
         self._buffer_bytes = 0
-        self._buffer_backlog = False
+        self._buffer_full_calls = 0
 
     def _flush(self, *, commit: bool = True) -> bool:
         """Land the buffer and every batch in flight (waiting for them), then commit.
@@ -698,7 +713,7 @@ class KafkaBridge:
         self._pending = []
         self._buffer = MessageColumns.empty()
         self._buffer_bytes = 0
-        self._buffer_backlog = False
+        self._buffer_full_calls = 0
         self._write_backoff = 0.0
         self._set_paused("landing_write_failed", False)
         for (topic, partition), offset in firsts.items():

@@ -9,6 +9,7 @@ dead letters with which error), and the positions a batch lets the bridge commit
 from __future__ import annotations
 
 import base64
+import gc
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -315,6 +316,18 @@ def test_payload_bytes_count_values_and_keys(chunk: int | None) -> None:
     assert columns_of(messages, chunk).payload_bytes() == 8 + 3 + 0 + 0 + 9 + 1
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3])
+def test_payload_bytes_from_the_joined_lines(chunk: int | None) -> None:
+    # No null value, no newline: every consume call's values are joined into one NDJSON
+    # text, and the size is taken from those (empty and blank values included).
+    values = [b'{"a":1}', b"", b" ", b"{}", b"x"]
+    columns = columns_of([message(v, offset=i) for i, v in enumerate(values)], chunk)
+    assert None not in columns.lines  # the joined lines, not the values, are counted
+    assert columns.payload_bytes() == 7 + 0 + 1 + 2 + 1
+    keyed = [message(v, offset=i, key=b"key") for i, v in enumerate(values)]
+    assert columns_of(keyed, chunk).payload_bytes() == 11 + 3 * len(values)
+
+
 def test_only_suspect_values_are_parsed_one_by_one_for_their_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -340,7 +353,89 @@ def test_only_suspect_values_are_parsed_one_by_one_for_their_error(
 
 
 def test_warm_up_prepares_a_batch() -> None:
-    warm_up()  # no broker, no landing: only the one-off costs of a first batch
+    batch = warm_up()  # no broker, no landing: only the one-off costs of a first batch
+    assert [source for source, _ in batch.writes] == ["warm_up"]  # no dead letters
+    assert batch.writes[0][1].height == batch.messages >= 10_000
+
+
+def test_headers_are_kept_as_text_which_the_collector_does_not_track() -> None:
+    # Header lists of tuples are tracked by the cyclic garbage collector; the consumed
+    # messages' fields are held for batches, so only their kafka_headers text is kept.
+    messages = [
+        message(b"{}", offset=0, headers=[("a", b"1"), ("a", b"2")]),
+        message(b"{}", offset=1),
+        message(b"{}", offset=2, headers=[("a", b"1"), ("a", b"2")]),
+        message(b"{}", offset=3, headers=[]),
+    ]
+    columns = MessageColumns.of(messages)
+    assert columns.headers == ['{"a":["1","2"]}', None, '{"a":["1","2"]}', None]
+    assert columns.headers[0] is columns.headers[2]  # made once per header set
+    assert not any(map(gc.is_tracked, columns.headers))
+    assert MessageColumns.of(messages[1:2]).headers == [None]
+    frame = frames(prepare(messages))["readings"]
+    assert frame["kafka_headers"].to_list() == ['{"a":["1","2"]}', "{}", '{"a":["1","2"]}', "{}"]
+    assert frames(prepare(messages[1:2]))["readings"]["kafka_headers"].to_list() == ["{}"]
+
+
+BLANK: list[bytes | None] = [b"", b"  ", b"\r", b" \r ", b"\t"]
+MULTI_LINE: list[bytes | None] = [b"\n", b"\r\n", b'{"n": -1}\n{"n": -2}', b'{"n":\n', b"\n\n"]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+@pytest.mark.parametrize(
+    "bad",
+    [BLANK, BLANK + MULTI_LINE, [*BLANK, *MULTI_LINE, None]],
+    ids=["blank", "newlines", "null"],
+)
+def test_poison_at_the_edges_of_consume_calls_keeps_every_row_on_its_offset(
+    chunk: int, bad: list[bytes | None]
+) -> None:
+    # One topic, so the batch is parsed as the consume calls' joined NDJSON (while no
+    # value is null or spans lines: the "blank" case): a value that makes no line (empty,
+    # blank, a lone \r that reads as a CRLF line end) or more than one (a newline in it)
+    # must not shift the rows of the good values around it.
+    spans_lines = any(v is None or b"\n" in v for v in bad)
+    good = iter(
+        b'{\n  "n": %d\n}' % n if spans_lines and n % 2 else json.dumps({"n": n}).encode()
+        for n in range(1000)
+    )
+    values: list[bytes | None] = []
+    for first, last in zip(bad, [*bad[1:], bad[0]], strict=True):
+        if chunk == 1:  # each call is one value: bad ones between good ones
+            values += [first, next(good), last, next(good)]
+        else:  # a bad value first and last in a call, good ones between them
+            values += [first, *(next(good) for _ in range(chunk - 2)), last]
+            values += [next(good) for _ in range(chunk)]  # a call with nothing bad
+    messages = [message(v, offset=i) for i, v in enumerate(values)]
+    assert (columns_of(messages, chunk).ndjson() is None) == spans_lines
+    out = frames(prepare(messages, chunk=chunk))
+
+    is_bad = [v is None or v in bad for v in values]
+    records = out["readings"]
+    assert records["kafka_offset"].to_list() == [str(i) for i, b in enumerate(is_bad) if not b]
+    assert records["n"].to_list() == [
+        str(json.loads(v or b"")["n"]) for v, b in zip(values, is_bad, strict=True) if not b
+    ]
+    letters = out[None]
+    assert letters["kafka_offset"].to_list() == [str(i) for i, b in enumerate(is_bad) if b]
+    assert letters["payload_base64"].to_list() == [
+        None if v is None else base64.b64encode(v).decode()
+        for v, b in zip(values, is_bad, strict=True)
+        if b
+    ]
+
+
+@pytest.mark.parametrize("values", [[b"{}"], [b" {}\n"], [b"", b"{}", None], [b"{}", b"[]"]])
+def test_a_lone_empty_object_is_a_record(values: list[bytes | None]) -> None:
+    # `{}` is one JSON object: a record with only lineage columns, never a dead letter,
+    # even when it is the only good value of its batch.
+    messages = [message(v, offset=i) for i, v in enumerate(values)]
+    out = frames(prepare(messages))
+    good = [str(i) for i, v in enumerate(values) if v is not None and v.strip() == b"{}"]
+    assert out["readings"]["kafka_offset"].to_list() == good
+    assert out["readings"].width == len(KAFKA_LINEAGE_COLUMNS)
+    letters = out.get(None)
+    assert (0 if letters is None else letters.height) == len(values) - len(good)
 
 
 def test_an_error_event_is_refused() -> None:

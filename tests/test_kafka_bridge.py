@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -27,6 +28,7 @@ from confluent_kafka import KafkaException
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from landing_zone import kafka_bridge
 from landing_zone.bridge_metrics import BridgeCollector
 from landing_zone.kafka_bridge import (
     KAFKA_LINEAGE_COLUMNS,
@@ -447,6 +449,35 @@ def test_failing_landing_writes_commit_nothing_and_are_retried(
     assert sorted(landed(data_dir, "diskfull")["i"].cast(pl.Int64)) == list(range(15))
 
 
+def test_a_failing_write_does_not_spin_the_consume_loop(
+    broker: TansuBroker, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While a write is retried with back-off its batch stays pending (up to 30 s): the
+    # loop must wait a whole poll per consume call, not the short one it uses while a
+    # batch is being prepared.
+    calls: list[float] = []
+
+    class CountingConsumer(kafka_bridge.Consumer):  # type: ignore[misc]
+        def consume(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append(time.monotonic())
+            return super().consume(*args, **kwargs)
+
+    monkeypatch.setattr(kafka_bridge, "Consumer", CountingConsumer)
+    broker.create_topic("backoff")
+    broker.produce("backoff", [{"value": b'{"i": %d}' % i} for i in range(10)])
+    writer = DiskFullWriter(LandingLayout(data_dir))
+    writer.full.set()
+    config = _config(broker, "g-backoff", topics=["backoff"], poll_timeout_ms=100)
+    with running(config, data_dir, writer=writer) as bridge:
+        wait_until(lambda: bridge.write_failures >= 1 and bridge.is_paused, timeout=30)
+        start = time.monotonic()
+        time.sleep(1.0)
+        during = sum(1 for t in calls if t >= start)
+        assert during <= 20, f"{during} consume calls in 1 s of write back-off"
+        writer.full.clear()
+        wait_until(lambda: _count(data_dir, "backoff") == 10, timeout=30)
+
+
 class FlakyWriter(LandingWriter):
     """Fails its ``fail_at``-th write once (full disk), and records what it landed, in order."""
 
@@ -577,26 +608,49 @@ def test_regex_subscription_picks_up_new_topics(broker: TansuBroker, data_dir: P
 # ------------------------------------------------------------- batch closing
 
 
-def test_a_drained_backlog_lands_at_once_but_a_trickle_waits(
+def _landing_files(data_dir: Path, source: str) -> int:
+    return len(list((data_dir / "landing" / source).glob("*.parquet")))
+
+
+def test_a_drained_backlog_lands_at_once_in_one_file_but_a_trickle_waits(
     broker: TansuBroker, data_dir: Path
 ) -> None:
     topic = "drained"
     broker.create_topic(topic, partitions=1)
-    # More than one consume call's worth (a full chunk: a backlog), less than a batch.
-    broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": 0} for i in range(2500)])
+    # A real backlog (more full consume calls than the bridge's threshold, 10,000
+    # messages), less than a batch.
+    total = 12_000
+    broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": 0} for i in range(total)])
     # Only the size or latency bound could close this batch before: neither is reached.
     slow = {"batch_max_messages": 100_000, "batch_max_latency_ms": 600_000}
     config = _config(broker, "g-drained", topics=[topic], **slow)
     with running(config, data_dir) as bridge:
         # Caught up: landed and committed once a poll brings nothing more.
-        wait_until(lambda: _count(data_dir, topic) == 2500, timeout=30)
-        wait_until(lambda: broker.committed("g-drained", topic, 1) == {0: 2500}, timeout=10)
+        wait_until(lambda: _count(data_dir, topic) == total, timeout=30)
+        wait_until(lambda: broker.committed("g-drained", topic, 1) == {0: total}, timeout=10)
+        assert bridge.batches_written == 1 and _landing_files(data_dir, topic) == 1
         # A trickle (no full consume call) still waits for the latency bound.
         broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": 0} for i in range(3)])
-        wait_until(lambda: bridge.messages_in == 2503, timeout=30)
+        wait_until(lambda: bridge.messages_in == total + 3, timeout=30)
         time.sleep(1.0)
-        assert _count(data_dir, topic) == 2500
-    assert _count(data_dir, topic) == 2503  # flushed on stop
+        assert _count(data_dir, topic) == total
+    assert _count(data_dir, topic) == total + 3  # flushed on stop
+
+
+def test_a_burst_waits_for_the_latency_bound(broker: TansuBroker, data_dir: Path) -> None:
+    # 1,500 devices publishing on the minute: a full consume call, then the rest, then
+    # nothing. Not a backlog: a latency bound set long to get fewer files must hold.
+    topic = "burst"
+    broker.create_topic(topic, partitions=1)
+    broker.produce(topic, [{"value": b'{"i": %d}' % i, "partition": 0} for i in range(1500)])
+    slow = {"batch_max_messages": 100_000, "batch_max_latency_ms": 600_000}
+    config = _config(broker, "g-burst", topics=[topic], **slow)
+    with running(config, data_dir) as bridge:
+        wait_until(lambda: bridge.messages_in == 1500, timeout=30)
+        time.sleep(1.0)
+        assert _count(data_dir, topic) == 0 and bridge.batches_written == 0
+    assert _count(data_dir, topic) == 1500  # flushed on stop
+    assert bridge.batches_written == 1
 
 
 # ------------------------------------------------------------------------ lag
