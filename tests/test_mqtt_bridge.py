@@ -413,6 +413,8 @@ def test_published_messages_land_with_exact_records(
     with running_bridge(bridge_config(broker), writer_for(data_dir)) as bridge:
         publish(broker, messages)
         wait_until(lambda: landed(data_dir).height == 3, timeout=15)
+        # The acks go out after the landing file is durable: visible a moment earlier.
+        wait_until(lambda: bridge.acked == 3, timeout=15)
         assert bridge.acked == 3 and bridge.messages_in == 3 and bridge.dead_letters == 0
     after = datetime.now(UTC)
     frame = landed(data_dir)
@@ -605,6 +607,7 @@ def test_malformed_messages_go_to_dead_letters_with_bytes_and_error(
         publish(broker, [good] + [(t, p) for t, p, _ in bad])
         wait_until(lambda: dead_letters(data_dir).height == len(bad), timeout=15)
         wait_until(lambda: landed(data_dir).height == 1, timeout=15)
+        wait_until(lambda: bridge.acked == len(bad) + 1, timeout=15)  # after the files
         assert bridge.dead_letters == len(bad) and bridge.acked == len(bad) + 1
     letters = dead_letters(data_dir)
     assert letters.columns == ["origin", "topic", "payload_base64", "error", "received_at"]
