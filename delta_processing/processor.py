@@ -78,9 +78,9 @@ class CycleReport:
 
 
 def _observe_stage(
-    metrics: PipelineMetrics, stage: str, source: str, started: float, rows: int
+    metrics: PipelineMetrics, stage: str, source: str, seconds: float, rows: int
 ) -> None:
-    metrics.stage_seconds.labels(stage).observe(time.perf_counter() - started)
+    metrics.stage_seconds.labels(stage).observe(seconds)
     metrics.stage_batches.labels(stage, source).inc()
     metrics.stage_rows.labels(stage, source).inc(rows)
 
@@ -218,10 +218,7 @@ class Processor:
             return
         report.bronze.append(batch)
         if batch.files:  # a batch of only unreadable files commits nothing
-            metrics = self.metrics
-            metrics.stage_seconds.labels("bronze").observe(ingested.seconds)
-            metrics.stage_batches.labels("bronze", source).inc()
-            metrics.stage_rows.labels("bronze", source).inc(batch.rows)
+            _observe_stage(self.metrics, "bronze", source, ingested.seconds, batch.rows)
         if batch.quarantined_files:
             self.metrics.quarantined_files.labels(source).inc(batch.quarantined_files)
 
@@ -241,7 +238,8 @@ class Processor:
             del ingested  # its rows: the batch ahead is in memory meanwhile
             if promoted is not None:
                 report.silver.append(promoted)
-                _observe_stage(metrics, "silver", source, started, promoted.upserted)
+                seconds = time.perf_counter() - started
+                _observe_stage(metrics, "silver", source, seconds, promoted.upserted)
                 for outcome, rows in (
                     ("in", promoted.rows_in),
                     ("upserted", promoted.upserted),
