@@ -233,11 +233,11 @@ def _bronze_inserts(
     commits: list[dict[str, Any]],
 ) -> pl.DataFrame:
     """The rows bronze versions ``start..end`` inserted: ``appended`` when it is exactly
-    that one version and ``bronze`` is loaded at it (its schema is the one to shape the
-    rows to), else read back through the change feed."""
+    that one version (``promote`` loads ``bronze`` at it: its schema is the one to shape
+    the rows to), else read back through the change feed."""
     if (
         appended is not None
-        and start == end == appended.version == bronze.version()
+        and start == end == appended.version
         # A column the table lacks is never expected; the change feed is the truth then.
         and set(appended.rows.columns) <= set(table_columns(bronze))
     ):
