@@ -176,7 +176,7 @@ class MessageColumns:
         return firsts
 
 
-def _ndjson_lines(values: list[bytes | None]) -> bytes | None:
+def _ndjson_lines(values: Sequence[bytes | None]) -> bytes | None:
     """``values`` joined into NDJSON lines, or ``None`` if a value is null or spans lines."""
     try:
         joined = b"\n".join(values)  # type: ignore[arg-type]  # a None raises
@@ -487,8 +487,8 @@ def _decode_objects(values: list[bytes], ndjson: bytes | None = None) -> pl.Data
 
     ``ndjson``, if known, is ``values`` joined into NDJSON lines.
     """
-    data = ndjson if ndjson is not None else b"\n".join(values)
-    if ndjson is None and data.count(b"\n") != len(values) - 1:
+    data = ndjson if ndjson is not None else _ndjson_lines(values)
+    if data is None:
         # A raw newline can only be insignificant whitespace in valid JSON (strings must
         # escape it), so flattening each value onto one line keeps one line per message.
         data = b"\n".join(v.replace(b"\n", b" ") for v in values)
