@@ -3,7 +3,7 @@
 Tokens are 256-bit random secrets, so an unsalted fast hash is the right tool
 (password hashing exists for low-entropy secrets). The store is a JSON file
 under ``<data_dir>/_meta/``, replaced atomically under a lock file and re-read
-when its identity (inode, mtime, size) changes, so ``lakehouse tokens ...`` takes
+when its identity (inode, mtime, ctime, size) changes, so ``lakehouse tokens ...`` takes
 effect in a running API (every worker process) without a restart, at the cost
 of one ``stat`` per request.
 
@@ -35,6 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from config.contracts import SOURCE_NAME_RE
+from landing_zone.layout import fsync_directory
 
 TOKEN_PREFIX = "lh_"
 SCOPE_RE = re.compile(r"^(admin|query|ingest:\*|ingest:" + SOURCE_NAME_RE.pattern[1:-1] + r")$")
@@ -180,7 +181,7 @@ class TokenStore:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._cache: tuple[tuple[int, int, int], list[TokenRecord]] | None = None
+        self._cache: tuple[tuple[int, int, int, int], list[TokenRecord]] | None = None
         self._cache_lock = threading.Lock()
         self._touch_attempts: dict[str, float] = {}  # name -> monotonic time of last attempt
 
@@ -194,8 +195,9 @@ class TokenStore:
             stat = self._path.stat()
         except FileNotFoundError:
             return []
-        # os.replace gives every rewrite a new inode, so this identity changes with content.
-        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        # os.replace gives every rewrite a new inode, so this identity changes with content
+        # (ctime too: a freed inode number can come back within one mtime tick).
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
         with self._cache_lock:
             if self._cache and self._cache[0] == identity:
                 return self._cache[1]
@@ -389,6 +391,8 @@ class TokenStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, self._path)
+        # The rename itself must survive a power loss: a revoked token must not come back.
+        fsync_directory(self._path.parent)
         with self._cache_lock:
             self._cache = None
 

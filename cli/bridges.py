@@ -73,7 +73,7 @@ def configured_bridges(settings: Settings) -> dict[str, RunningBridge]:
         from landing_zone.mqtt_bridge import MqttBridge, MqttBridgeConfig
 
         mqtt = MqttBridge(load_config_file(settings.mqtt_config, MqttBridgeConfig),
-                          LandingWriter(layout))  # fmt: skip
+                          LandingWriter(layout), layout, crash_at=settings.crash_at)  # fmt: skip
         bridges["mqtt"] = RunningBridge(mqtt.run, mqtt.counters)
     if settings.kafka_config is not None:
         from landing_zone.kafka_bridge import KafkaBridge, KafkaBridgeConfig

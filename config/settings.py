@@ -147,8 +147,19 @@ class Settings(BaseSettings):
     compaction_target_mb: int = Field(128, ge=1, description="Target data file size.")
     checkpoint_interval: int = Field(100, ge=1, description="Delta checkpoint every N commits.")
     vacuum_retention_days: int = Field(7, ge=0, description="Keep removed files this long.")
+    log_retention_hours: float = Field(
+        1.0,
+        ge=0,
+        le=24 * 365,
+        description="Keep Delta log entries a checkpoint supersedes this long (time travel and "
+        "table history reach this far back). deltalake lists the whole log on every commit "
+        "(~17 us per entry here), and a busy table commits several times a second: keep it "
+        "short.",
+    )
     maintenance_interval_s: float = Field(
-        3600.0, gt=0, description="How often the processor compacts, checkpoints and expires."
+        600.0,
+        gt=0,
+        description="How often the processor compacts, checkpoints, cleans the log and expires.",
     )
     mqtt_config: Path | None = Field(
         None, description="TOML/JSON file of the MQTT bridge (`lakehouse up` starts it if set)."
@@ -222,8 +233,9 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     crash_at: str | None = Field(
         None,
-        description="Fault injection for tests: 'point[:n]' SIGKILLs the processor at the n-th "
-        "pass through that named point. Never set in production.",
+        description="Fault injection for tests: 'point[:n]' SIGKILLs the process at the n-th "
+        "pass through that named point: the processor's (delta_processing.crashpoints) or the "
+        "MQTT bridge's mqtt_* (config.crash_hook). Never set in production.",
     )
 
     @field_validator("data_dir", "contracts_dir")

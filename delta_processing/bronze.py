@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,7 +239,7 @@ class BronzeIngestor:
         """Append the claim's files as one commit; ``table``: bronze as it was (None: new)."""
         ingested_at = datetime.now(UTC)
         spellings = self._existing_spellings(source, table)
-        frames: list[pl.DataFrame] = []
+        frames: list[tuple[pl.DataFrame, str, int | None]] = []  # (raw, name, arrival order)
         quarantined = 0
         landed_at: list[datetime] = []
         correlation_ids: list[str] = []
@@ -256,11 +256,10 @@ class BronzeIngestor:
             landed_at.append(batch_time(name) or _modified_at(path))
             # A group-committed file holds several requests: all their ids.
             correlation_ids.extend(correlation_ids_of(content, name))
-            lineage = with_lineage(raw, source, name, ingested_at, spellings)
-            frames.append(lineage.with_columns(pl.lit(order, dtype=pl.Int64).alias("_file_order")))
+            frames.append((delta_safe_raw(raw, spellings), name, order))
         rows = 0
         if frames:
-            batch = pl.concat(frames, how="diagonal_relaxed")
+            batch = with_lineage(frames, source, ingested_at)
             partition_by = self._partition_columns(source, table)
             if partition_by:
                 batch = batch.with_columns(pl.col("_ingested_at").dt.date().alias(INGEST_DATE))
@@ -373,7 +372,7 @@ def _modified_at(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
-def _commit_metadata(frames: list[pl.DataFrame], correlation_ids: list[str]) -> dict[str, str]:
+def _commit_metadata(frames: Sequence[object], correlation_ids: list[str]) -> dict[str, str]:
     """Custom commit metadata of a bronze batch: file count, and the requests it holds."""
     return {"lakehouse.files": str(len(frames)), **correlation_metadata(correlation_ids)}
 
@@ -384,11 +383,17 @@ def target_table(source: str) -> tuple[Layer, str]:
 
 
 KAFKA_POSITION = ("kafka_topic", "kafka_partition", "kafka_offset")
+# The topic's id (the Kafka topic UUID), when the bridge knew it: a topic deleted and
+# created again under its name has a new one, and its offsets start again at 0.
+KAFKA_TOPIC_ID = "kafka_topic_id"
 
 
-def stream_app_id(topic: str, partition: str) -> str:
-    """Application-transaction id recording how far bronze holds a Kafka partition."""
-    return f"lakehouse/kafka/{topic}/{partition}"
+def stream_app_id(topic: str, partition: str, topic_id: str | None = None) -> str:
+    """Application-transaction id recording how far bronze holds a Kafka partition (of
+    one incarnation of the topic, where its id is known)."""
+    if topic_id is None:
+        return f"lakehouse/kafka/{topic}/{partition}"
+    return f"lakehouse/kafka/{topic}@{topic_id}/{partition}"
 
 
 def new_stream_records(
@@ -400,11 +405,18 @@ def new_stream_records(
     durable), so a crash can land a message twice. Bronze records, per topic
     partition, the highest offset it holds in the same commit as the rows (as
     kafka-delta-ingest does), so a re-delivered message never makes a second row.
+    Positions are per incarnation of a topic (``kafka_topic_id``): the offsets of a
+    topic deleted and created again start at 0, and comparing them with those of the
+    old one would drop every new message as already held.
     """
     if not set(KAFKA_POSITION) <= set(batch.columns):
         return batch, {}
+    added_id = KAFKA_TOPIC_ID not in batch.columns  # landed before the bridge stamped ids
+    if added_id:
+        batch = batch.with_columns(pl.lit(None, pl.String).alias(KAFKA_TOPIC_ID))
+    stream = ["kafka_topic", KAFKA_TOPIC_ID, "kafka_partition"]
     offset = pl.col("kafka_offset").cast(pl.Int64, strict=False)
-    position = pl.struct("kafka_topic", "kafka_partition", "\x01offset")
+    position = pl.struct(*stream, "\x01offset")
     # Only records with a Kafka position can be re-deliveries: rows of other writers in
     # the same micro-batch (HTTP, MQTT, dropped files) have null positions, which
     # `unique` would collapse into one row.
@@ -415,33 +427,42 @@ def new_stream_records(
         ~positioned | position.is_first_distinct()
     )
     held = {
-        (topic, partition): table.transaction_version(stream_app_id(topic, partition))
+        (topic, topic_id, partition): table.transaction_version(
+            stream_app_id(topic, partition, topic_id)
+        )
         if table is not None
         else None
-        for topic, partition in keyed.select("kafka_topic", "kafka_partition").unique().iter_rows()
+        for topic, topic_id, partition in keyed.select(stream).unique().iter_rows()
         if topic is not None and partition is not None
     }
     floors = pl.DataFrame(
         {
-            "kafka_topic": [t for t, _ in held],
-            "kafka_partition": [p for _, p in held],
+            "kafka_topic": [t for t, _, _ in held],
+            KAFKA_TOPIC_ID: [i for _, i, _ in held],
+            "kafka_partition": [p for _, _, p in held],
             "\x01held": [-1 if v is None else v for v in held.values()],
         },
-        schema={"kafka_topic": pl.String, "kafka_partition": pl.String, "\x01held": pl.Int64},
+        schema={
+            "kafka_topic": pl.String,
+            KAFKA_TOPIC_ID: pl.String,
+            "kafka_partition": pl.String,
+            "\x01held": pl.Int64,
+        },
     )
     # Rows without a full position (other writers; or a record that merely has a field
     # called kafka_offset) are never re-deliveries: comparing them would drop them.
-    fresh = keyed.join(floors, on=["kafka_topic", "kafka_partition"], how="left").filter(
+    fresh = keyed.join(floors, on=stream, how="left", nulls_equal=True).filter(
         ~positioned | (pl.col("\x01offset") > pl.col("\x01held"))
     )
     positions = {
-        stream_app_id(topic, partition): int(top)
-        for topic, partition, top in fresh.group_by("kafka_topic", "kafka_partition")
+        stream_app_id(topic, partition, topic_id): int(top)
+        for topic, topic_id, partition, top in fresh.group_by(stream)
         .agg(pl.col("\x01offset").max())
         .iter_rows()
         if topic is not None and partition is not None and top is not None
     }
-    return fresh.drop("\x01offset", "\x01held"), positions
+    fresh = fresh.drop("\x01offset", "\x01held")
+    return (fresh.drop(KAFKA_TOPIC_ID) if added_id else fresh), positions
 
 
 def claimed_name(order: int, name: str) -> str:
@@ -484,25 +505,48 @@ def merge_case_variants(raw: pl.DataFrame) -> pl.DataFrame:
     return raw
 
 
-def with_lineage(
-    raw: pl.DataFrame,
-    source: str,
-    landing_file: str,
-    ingested_at: datetime,
-    spellings: dict[str, str],
-) -> pl.DataFrame:
-    """Add bronze lineage columns to a raw batch, its field names made Delta-safe.
+def delta_safe_raw(raw: pl.DataFrame, spellings: dict[str, str]) -> pl.DataFrame:
+    """A landing file's raw records with field names made Delta-safe.
 
     ``spellings`` carries the column spellings of the table and of earlier files
     of the batch (see :func:`delta_safe_names`).
     """
     renamed = merge_case_variants(raw)
-    renamed = renamed.rename(delta_safe_names(renamed.columns, spellings))
-    batch_id = landing_file.split(".", 1)[0]
-    return renamed.with_columns(
-        pl.lit(source).alias("_source"),
-        pl.lit(landing_file).alias("_landing_file"),
-        pl.lit(batch_id).alias("_batch_id"),
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"),
+    return renamed.rename(delta_safe_names(renamed.columns, spellings))
+
+
+def with_lineage(
+    files: Sequence[tuple[pl.DataFrame, str, int | None]], source: str, ingested_at: datetime
+) -> pl.DataFrame:
+    """The raw records of a batch's files (``(records, landing file name, arrival
+    order)``, names already Delta-safe) as one frame, with bronze's lineage columns:
+    ``_source``, ``_landing_file``, ``_batch_id`` (the file name up to its first dot),
+    ``_row`` (the record's position in its file), ``_ingested_at``, ``_file_order``.
+
+    Made once for the whole batch from one row per file: a batch holds up to a thousand
+    files, and expressions evaluated per file cost more than their rows.
+    """
+    records = pl.concat([frame for frame, _, _ in files], how="diagonal_relaxed")
+    heights = pl.Series([frame.height for frame, _, _ in files], dtype=pl.Int64)
+    ends = heights.cum_sum()
+    names = [name for _, name, _ in files]
+    per_file = pl.DataFrame(
+        {
+            "_landing_file": names,
+            "_batch_id": [name.split(".", 1)[0] for name in names],
+            "_file_order": pl.Series([order for _, _, order in files], dtype=pl.Int64),
+            "\x01start": ends - heights,
+        }
+    )
+    # Each record's file: how many files end at or before its position.
+    position = pl.int_range(records.height, dtype=pl.Int64, eager=True)
+    spread = per_file[ends.search_sorted(position, side="right")]
+    return pl.concat([records, spread], how="horizontal").select(
+        *records.columns,
+        pl.lit(source, pl.String).alias("_source"),
+        "_landing_file",
+        "_batch_id",
+        (position - pl.col("\x01start")).alias("_row"),
         pl.lit(ingested_at).dt.cast_time_unit("us").alias("_ingested_at"),
+        "_file_order",
     )

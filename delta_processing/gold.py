@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import duckdb
 import polars as pl
 import structlog
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import (
     GoldSpec,
@@ -44,8 +44,8 @@ from delta_processing.tables import (
     merge,
     read_changes,
     read_snapshot,
-    sync_latest_commit,
     to_arrow,
+    write_synced,
 )
 
 GOLD_APP_ID = "lakehouse/gold<-silver"
@@ -277,15 +277,15 @@ def rebuild_gold(
     """Recompute a gold table in full from ``silver`` and replace it in one commit."""
     version = silver.version()
     rows = gold_frame(read_snapshot(silver).collect(), spec, contract)
-    write_deltalake(
-        store.uri("gold", spec.name),
+    gold = store.open("gold", spec.name)
+    write_synced(
+        gold if gold is not None else store.uri("gold", spec.name),
         to_arrow(rows),
         mode="overwrite",
         schema_mode="overwrite",
         commit_properties=commit_marker(GOLD_APP_ID, version, **{REFRESH_MARK: "full"}),
         storage_options=store.options,
     )
-    sync_latest_commit(store.uri("gold", spec.name))
     log.info("gold.rebuilt", table=spec.name, rows=rows.height, silver_version=version)
     return GoldResult(spec.name, version, rows.height)
 
@@ -388,12 +388,14 @@ class GoldRefresher:
         windowed = changes.with_columns(
             pl.col(contract.event_time).dt.truncate(spec.every).alias("window_start")
         )
-        touched = windowed.select(keys).unique()
-        if touched.is_empty():
+        if windowed.is_empty():
             return pl.DataFrame(schema=schema).with_columns(pl.lit(True).alias(PRESENT))
         inserted = pl.col("_change_type") == "insert"
-        disturbed = windowed.filter(~inserted).select(keys).unique()
-        grown = windowed.filter(inserted).join(disturbed, on=keys, how="anti", nulls_equal=True)
+        if windowed.select(inserted.all()).item():  # new rows only (appends, a backlog)
+            disturbed, grown = windowed.select(keys).clear(), windowed
+        else:
+            disturbed = windowed.filter(~inserted).select(keys).unique()
+            grown = windowed.filter(inserted).join(disturbed, on=keys, how="anti", nulls_equal=True)
         fresh = window_aggregates(grown, spec, contract, schema)
         stored = _stored_windows(gold, fresh.select(keys), schema)
         new_windows = fresh.join(stored, on=keys, how="anti", nulls_equal=True)
@@ -460,21 +462,20 @@ class GoldRefresher:
         marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
         if gold is None or touched.is_empty():
             append(
-                self._store.uri("gold", spec.name),
+                gold if gold is not None else self._store.uri("gold", spec.name),
                 result,
                 marker,
                 storage_options=self._store.options,
             )
         else:
             windows = ", ".join(f"'{w.isoformat()}'" for w in touched.sort().to_list())
-            write_deltalake(
+            write_synced(
                 gold,
                 to_arrow(result),
                 mode="overwrite",
                 predicate=f'"{spec.window_column}" IN ({windows})',
                 commit_properties=marker,
             )
-            sync_latest_commit(gold)
         self._crash.reached("after_gold_commit")
         return GoldResult(spec.name, silver_version, touched.len())
 

@@ -7,7 +7,7 @@ Polars and deltalake, outside the GIL, so on two cores they overlap.
 
 Invariant protected here: nothing else touches bronze while a batch is being ingested
 ahead. Exactly one batch per source runs ahead, on one worker thread, and
-:meth:`BronzeLookahead.settle` waits for all of them: the processor settles at the end
+:meth:`BronzeLookahead.drain` waits for all of them: the processor drains it at the end
 of every cycle, before recovery, housekeeping and operations can run. A batch ingested
 ahead is a whole bronze micro-batch (claimed, committed, archived), so a kill while it
 runs is recovered exactly as a kill of the sequential processor is.

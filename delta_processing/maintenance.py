@@ -23,7 +23,7 @@ Invariants protected here:
   entries are then kept.
 * **A maintenance commit is as durable as a pipeline commit**: the files a
   compaction adds, its log entry and new checkpoints are fsynced, as
-  :func:`~delta_processing.tables.sync_latest_commit` does for pipeline commits.
+  :func:`~delta_processing.tables.sync_commit` does for pipeline commits.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from delta_processing.tables import (
     Layer,
     TableStore,
     as_pyarrow,
+    checkpoint_files,
     fsync_file,
     local_root,
     reopen,
@@ -105,6 +106,7 @@ def policy_for(settings: Settings) -> MaintenancePolicy:
         target_file_size=settings.compaction_target_mb * MiB,
         checkpoint_interval=settings.checkpoint_interval,
         vacuum_retention=timedelta(days=settings.vacuum_retention_days),
+        log_retention=timedelta(hours=settings.log_retention_hours),
     )
 
 
@@ -295,10 +297,8 @@ def checkpoint_if_due(table: DeltaTable, policy: MaintenancePolicy) -> bool:
     root = local_root(table)
     if root is not None:
         log_dir = root / "_delta_log"
-        pointer = log_dir / "_last_checkpoint"
-        for path in [*log_dir.glob(f"{version:020d}.checkpoint*.parquet"), pointer]:
-            if path.exists():
-                fsync_file(path)
+        for path in checkpoint_files(log_dir):  # named by the pointer just written
+            fsync_file(path)
         fsync_directory(log_dir)
     log.info("maintenance.checkpointed", table=table.table_uri, version=version)
     return True

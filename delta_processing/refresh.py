@@ -13,7 +13,7 @@ from datetime import datetime
 
 import polars as pl
 import structlog
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import SourceContract
 from delta_processing.gold import rebuild_gold
@@ -38,8 +38,8 @@ from delta_processing.tables import (
     read_changes,
     read_snapshot,
     reopen,
-    sync_latest_commit,
     to_arrow,
+    write_synced,
 )
 
 log = structlog.get_logger(__name__)
@@ -119,7 +119,8 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
         ("silver", SILVER_APP_ID, batch.silver_rows(silver_schema(contract), 0)),
     ]
     for layer, app_id, rows in rebuilt:
-        write_deltalake(
+        # By URI (the table may not exist yet): deltalake loads it just as `open` would.
+        write_synced(
             store.uri(layer, source),
             to_arrow(rows),
             mode="overwrite",
@@ -129,7 +130,6 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
             commit_properties=commit_marker(app_id, end, **{REFRESH_MARK: "full"}),
             storage_options=store.options,
         )
-        sync_latest_commit(store.uri(layer, source))
     rows_written = batch.passed.height
     log.info("refresh.silver", source=source, rows=rows_written, bronze_version=end)
     return RefreshResult(f"silver/{source}", rows_written, end)
@@ -184,7 +184,7 @@ def backfill(
             f"_ingested_at >= '{start.isoformat()}' AND _ingested_at < '{end.isoformat()}' "
             f"AND _bronze_version <= {consumed}"
         )
-        write_deltalake(
+        write_synced(
             quarantine,
             to_arrow(quarantine_rows(batch.quarantined)),
             mode="overwrite",
@@ -192,6 +192,5 @@ def backfill(
             schema_mode="merge",
             commit_properties=note,
         )
-        sync_latest_commit(quarantine)
     log.info("backfill.done", source=source, rows=changes.height, start=str(start), end=str(end))
     return RefreshResult(f"silver/{source}", rows.height, consumed)

@@ -20,7 +20,7 @@ import polars as pl
 import structlog
 
 from delta_processing.column_names import RESERVED_COLUMNS
-from delta_processing.tables import TableStore, read_snapshot, sync_latest_commit
+from delta_processing.tables import TableStore, read_snapshot, sync_commit
 from landing_zone.layout import LandingLayout, fsync_directory
 from landing_zone.writer import LandingWriter
 
@@ -80,7 +80,7 @@ def replay_quarantine(
         LandingWriter(layout).write_frame(source, raw, batch_id=batch_id)
     if not selected.is_empty():
         table.delete(f"_quarantined_at <= '{cutoff.isoformat()}'")
-        sync_latest_commit(table)
+        sync_commit(table, table.version())  # the delete moved it to its commit
     os.remove(intent_path)
     log.info("replay.done", source=source, rows=selected.height, batch_id=batch_id)
     return ReplayResult(source, selected.height, batch_id)

@@ -19,7 +19,7 @@ from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import LatestGold, SourceContract, SqlGold, WindowGold
 from config.settings import Settings
-from delta_processing.tables import Layer, TableStore, sync_latest_commit
+from delta_processing.tables import Layer, TableStore, sync_commit
 
 RETENTION_MARK = "lakehouse.retention"
 
@@ -107,6 +107,6 @@ def expire(table: DeltaTable, column: str, cutoff: datetime) -> int:
     )
     deleted = int(metrics.get("num_deleted_rows", 0) or 0)
     if deleted:
-        sync_latest_commit(table)
+        sync_commit(table, table.version())  # the delete moved it to its commit
         log.info("retention.expired", table=table.table_uri, column=column, rows=deleted)
     return deleted

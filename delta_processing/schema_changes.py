@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import polars as pl
 import structlog
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable
 from deltalake.schema import Field
 
 from delta_processing.tables import (
     REFRESH_MARK,
     read_snapshot,
     reopen,
-    sync_latest_commit,
+    sync_commit,
     to_arrow,
+    write_synced,
 )
 
 log = structlog.get_logger(__name__)
@@ -52,7 +53,7 @@ def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> Delta
     if missing:
         arrow = to_arrow(pl.DataFrame(schema={n: wanted[n] for n in missing})).schema
         table.alter.add_columns([Field.from_arrow(field) for field in arrow])
-        sync_latest_commit(table)
+        sync_commit(table, table.version())  # the change moved it to its commit
         log.info("schema.columns_added", table=label, columns=missing)
     changed = {n: t for n, t in wanted.items() if n in current and current[n] != t}
     if not changed:
@@ -67,7 +68,7 @@ def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> Delta
     frame = (
         read_snapshot(table).collect().with_columns(pl.col(n).cast(t) for n, t in changed.items())
     )
-    write_deltalake(
+    write_synced(
         table,
         to_arrow(frame),
         mode="overwrite",
@@ -78,6 +79,5 @@ def reconcile_columns(table: DeltaTable, wanted: pl.Schema, label: str) -> Delta
             custom_metadata={"lakehouse.widened": ", ".join(sorted(changed)), REFRESH_MARK: "widen"}
         ),
     )
-    sync_latest_commit(table)
     log.info("schema.columns_widened", table=label, columns=sorted(changed))
     return reopen(table)

@@ -97,11 +97,28 @@ def with_arrival(rows: pl.DataFrame) -> pl.DataFrame:
     # Files have distinct orders within a commit; the file name only ranks rows of bronze
     # written before files were ordered, and sorting by it (a string) is the slow part.
     order = ARRIVAL_ORDER if rows["_file_order"].null_count() else _ORDERED_ARRIVAL
-    ordered = rows.sort(order, nulls_last=False)
+    # Rows bronze hands over from memory are in arrival order already (one commit, its
+    # files in order, each file's rows in order): checking is ~8x cheaper than sorting.
+    ordered = rows if _in_order(rows, order) else rows.sort(order, nulls_last=False)
     rank = pl.int_range(pl.len(), dtype=pl.Int64).over("_commit_version")
     return ordered.with_columns(
         ((pl.col("_commit_version").cast(pl.Int64) * 2**32) + rank).alias("_arrival")
     )
+
+
+def _in_order(rows: pl.DataFrame, order: list[str]) -> bool:
+    """Whether ``rows`` are sorted by the integer columns ``order`` (no nulls in them)."""
+    if rows.height < 2:
+        return True
+    if order != _ORDERED_ARRIVAL:  # ranked by file name too: just sort
+        return False
+    if rows.select(pl.any_horizontal(pl.col(order).is_null().any())).item():
+        return False
+    later: pl.Expr = pl.col(order[-1]).diff() > 0
+    for name in reversed(order[:-1]):  # lexicographic: an earlier column decides first
+        step = pl.col(name).diff()
+        later = (step > 0) | ((step == 0) & later)
+    return bool(rows.select(later.slice(1).all()).item())
 
 
 def winner_order(contract: SourceContract) -> list[str]:
@@ -286,13 +303,13 @@ class SilverPromoter:
             partition_by=silver_partitions(contract),
         )
         silver = reconcile_columns(silver, schema, f"silver/{source}")
+        # Kept to append through: the store reuses them, so the appends below leave the
+        # next promotion's `open` nothing to read.
+        quality_table = self._store.open(QUALITY_LAYER, QUALITY_TABLE)
+        quarantine = self._store.open("quarantine", source)
         consumed = {
-            "quality": consumed_version(
-                self._store.open(QUALITY_LAYER, QUALITY_TABLE), quality_app_id(source)
-            ),
-            "quarantine": consumed_version(
-                self._store.open("quarantine", source), QUARANTINE_APP_ID
-            ),
+            "quality": consumed_version(quality_table, quality_app_id(source)),
+            "quarantine": consumed_version(quarantine, QUARANTINE_APP_ID),
             "silver": consumed_version(silver, SILVER_APP_ID),
         }
         start, end = batch_bounds(consumed, bronze.version())
@@ -303,10 +320,10 @@ class SilverPromoter:
         batch = build_batch(changes, contract)  # raises before any commit on `fail`
         if _next_version(consumed["quality"]) <= end:
             quality = batch.quality(contract, _next_version(consumed["quality"]))
-            self._write_quality(contract, end, quality)
+            self._write_quality(quality_table, contract, end, quality)
         if _next_version(consumed["quarantine"]) <= end:
             fresh = batch.since(batch.quarantined, _next_version(consumed["quarantine"]))
-            self._write_quarantine(source, fresh, end)
+            self._write_quarantine(quarantine, source, fresh, end)
         upserted = 0
         correlation_ids = correlation_ids_in(consumed_commits)
         if _next_version(consumed["silver"]) <= end:
@@ -318,17 +335,31 @@ class SilverPromoter:
         log.info("silver.promoted", **result.__dict__, correlation_ids=correlation_ids)
         return result
 
-    def _write_quality(self, contract: SourceContract, end: int, quality: BatchQuality) -> None:
+    def _write_quality(
+        self,
+        table: DeltaTable | None,
+        contract: SourceContract,
+        end: int,
+        quality: BatchQuality,
+    ) -> None:
+        """Append the batch's quality row through ``table`` (by URI only to create it)."""
         append(
-            self._store.uri(QUALITY_LAYER, QUALITY_TABLE),
+            table if table is not None else self._store.uri(QUALITY_LAYER, QUALITY_TABLE),
             quality_row(contract, end, quality),
             commit_marker(quality_app_id(contract.name), end),
             storage_options=self._store.options,
         )
 
-    def _write_quarantine(self, source: str, rejected: pl.DataFrame, bronze_version: int) -> None:
+    def _write_quarantine(
+        self,
+        table: DeltaTable | None,
+        source: str,
+        rejected: pl.DataFrame,
+        bronze_version: int,
+    ) -> None:
+        """Append the batch's rejects through ``table`` (by URI only to create it)."""
         append(
-            self._store.uri("quarantine", source),
+            table if table is not None else self._store.uri("quarantine", source),
             quarantine_rows(rejected),
             commit_marker(QUARANTINE_APP_ID, bronze_version),
             evolve_schema=True,

@@ -45,6 +45,12 @@ LAYERS: tuple[Layer, ...] = ("bronze", "silver", "gold", "quarantine", "_meta")
 CDF_CONFIGURATION = {"delta.enableChangeDataFeed": "true"}
 
 
+# Commits a reused table object may move through before it is loaded afresh (see
+# TableStore.reusing_tables): deltalake's checkpoint interval, so a fresh load replays
+# about as much as the object carries.
+RELOAD_AFTER_COMMITS = 100
+
+
 @dataclass(frozen=True)
 class TableStore:
     """Resolves ``<layer>/<name>`` to Delta table URIs under one root.
@@ -67,9 +73,16 @@ class TableStore:
 
         Loading replays the log since the last checkpoint (up to 100 commits, ~15 ms
         locally, far more from object storage); bringing an open table up to date reads
-        only the commits since. Meant for the processor, the only writer of its tables:
-        an object that one caller holds moves forward when another, in the same thread,
-        opens the same table. Objects are never shared between threads.
+        only the commits since, and locally is skipped when there are none. Meant for
+        the processor, the only writer of its tables: an object that one caller holds
+        moves forward when another, in the same thread, opens the same table, or writes
+        through it (see :func:`write_synced`). Objects are never shared between threads.
+
+        An object is loaded afresh once it has moved :data:`RELOAD_AFTER_COMMITS` commits
+        past where it was loaded: deltalake's table object accumulates the commits it
+        moves through, and each write through it then costs more (an append ~4 ms on a
+        fresh object, ~130 ms after 1,000 commits through the same one), where a fresh
+        load starts from the newest checkpoint.
         """
         return replace(self, _reused=threading.local())
 
@@ -102,38 +115,56 @@ class TableStore:
 
     def open(self, layer: Layer, name: str, version: int | None = None) -> DeltaTable | None:
         """The table (at ``version``, else its latest), or ``None`` if it was never created."""
-        tables: dict[tuple[str, str, bool], DeltaTable] | None = None
+        # key -> (the table, the version it was loaded fresh at)
+        tables: dict[tuple[str, str, bool], tuple[DeltaTable, int]] | None = None
+        key = (layer, name, version is not None)
         if self._reused is not None:
             tables = getattr(self._reused, "tables", None)
             if tables is None:
                 tables = self._reused.tables = {}
-            key = (layer, name, version is not None)
-            table = tables.pop(key, None)
-            if table is not None and not self._still_there(layer, name, table.version()):
-                table = None  # deleted (or re-created) behind our back: load it afresh
+            table, loaded_at = tables.pop(key, (None, 0))
+            if table is not None and (
+                table.version() - loaded_at >= RELOAD_AFTER_COMMITS
+                or (version is not None and abs(version - loaded_at) >= RELOAD_AFTER_COMMITS)
+                or not self._still_there(layer, name, table.version())
+            ):
+                # Worn (see reusing_tables), or deleted (or re-created) behind our back.
+                table = None
             if table is not None:
                 try:
                     if version is None:
-                        table.update_incremental()
+                        if self._may_be_newer(layer, name, table.version()):
+                            table.update_incremental()
                     elif table.version() != version:
                         table.load_as_version(version)
                 except Exception:  # load afresh below: a real fault recurs there
                     table = None
                 else:
-                    tables[key] = table
+                    tables[key] = (table, loaded_at)
                     return table
         try:
             table = DeltaTable(self.uri(layer, name), version=version, storage_options=self.options)
         except TableNotFoundError:
             return None
         if tables is not None:
-            tables[(layer, name, version is not None)] = table
+            tables[key] = (table, table.version())
         return table
 
     def _still_there(self, layer: Layer, name: str, version: int) -> bool:
         """Whether a local table still has the commit a reused object is at (a table
         deleted by hand would otherwise live on in the object, which
         ``update_incremental`` finds nothing new for). Object stores: assumed."""
+        return self._may_have_commit(layer, name, version)
+
+    def _may_be_newer(self, layer: Layer, name: str, version: int) -> bool:
+        """Whether a local table may have commits after ``version``: only if the next
+        one exists, versions being contiguous. Checked first because deltalake finds new
+        commits by listing the whole log, which grows by a file per commit until
+        maintenance cleans it. Object stores: always."""
+        return self._may_have_commit(layer, name, version + 1)
+
+    def _may_have_commit(self, layer: Layer, name: str, version: int) -> bool:
+        """Whether commit ``version`` of a local table exists (object stores: maybe)."""
         local = self.local_root
         if local is None:
             return True
@@ -255,7 +286,8 @@ def ensure_table(
         partition_by=partition_by or None,
         configuration=CDF_CONFIGURATION if cdf else None,
     )
-    sync_latest_commit(created)
+    # The object is at the version it created (0), or at the one it found (mode "ignore").
+    sync_commit(created, created.version())
     return created
 
 
@@ -266,13 +298,93 @@ def local_root(table: str | DeltaTable) -> Path | None:
 
 
 def sync_latest_commit(table: str | DeltaTable) -> None:
-    """fsync the newest commit of a local table (see :func:`sync_commit`)."""
+    """fsync the newest commit of a local table (see :func:`sync_commit`).
+
+    For a write made by URI, which leaves no table object to ask for its version.
+    Finding the newest commit costs a few file probes (:func:`latest_local_version`),
+    not a listing of the log, which grows with every commit until maintenance
+    cleans it.
+    """
     root = local_root(table)
     if root is None:
         return
-    commits = sorted((root / "_delta_log").glob("*.json"))
-    if commits:
-        sync_commit(table, int(commits[-1].stem))
+    version = latest_local_version(root)
+    if version is not None:
+        sync_commit(table, version)
+
+
+def latest_local_version(root: Path) -> int | None:
+    """The newest commit version in the log of the local table at ``root`` (``None``: none).
+
+    Delta versions are contiguous from the oldest kept commit to the newest, so from one
+    known commit the newest is found by probing ``<version>.json`` names: doubling steps
+    forward, then halving back (about ``2 * log2(commits since)`` probes). The known
+    commit is the one ``_last_checkpoint`` names (log cleanup keeps it and everything
+    after), else version 0; without either (no pointer and a cleaned log) the log is
+    listed, as a correct last resort.
+    """
+    log_dir = root / "_delta_log"
+
+    def committed(version: int) -> bool:
+        return (log_dir / f"{version:020d}.json").exists()
+
+    pointer = _checkpoint_pointer(log_dir)
+    known = int(pointer["version"]) if pointer is not None else None
+    if known is None or not committed(known):
+        known = 0 if committed(0) else None
+    if known is None:
+        versions = [int(p.stem) for p in log_dir.glob("*.json") if p.stem.isdigit()]
+        return max(versions, default=None)
+    # `known` exists; find an absent version above it, then the boundary between them.
+    step = 1
+    absent = known + step
+    while committed(absent):
+        known, step = absent, step * 2
+        absent = known + step
+    while absent - known > 1:
+        middle = (known + absent) // 2
+        if committed(middle):
+            known = middle
+        else:
+            absent = middle
+    return known
+
+
+def _checkpoint_pointer(log_dir: Path) -> dict[str, Any] | None:
+    """The content of ``_last_checkpoint`` (``None``: absent or unreadable, as mid-write)."""
+    try:
+        pointer = json.loads((log_dir / "_last_checkpoint").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), int):
+        return None
+    return pointer
+
+
+def checkpoint_files(log_dir: Path) -> list[Path]:
+    """``_last_checkpoint`` and the files of the checkpoint it names, those that exist.
+
+    Named from the pointer (single-part ``<v>.checkpoint.parquet`` or the parts of a
+    multi-part one) rather than found by listing the log; a checkpoint named otherwise
+    (v2 checkpoints, which deltalake does not write) is looked for by listing.
+    """
+    pointer_file = log_dir / "_last_checkpoint"
+    pointer = _checkpoint_pointer(log_dir)
+    if pointer is None:
+        return [pointer_file] if pointer_file.exists() else []
+    version = int(pointer["version"])
+    parts = pointer.get("parts")
+    if isinstance(parts, int) and parts > 1:
+        named = [
+            log_dir / f"{version:020d}.checkpoint.{part:010d}.{parts:010d}.parquet"
+            for part in range(1, parts + 1)
+        ]
+    else:
+        named = [log_dir / f"{version:020d}.checkpoint.parquet"]
+    found = [path for path in named if path.exists()]
+    if len(found) < len(named):
+        found = sorted(log_dir.glob(f"{version:020d}.checkpoint*.parquet"))
+    return [*found, pointer_file]
 
 
 def sync_commit(table: str | DeltaTable, version: int) -> None:
@@ -282,6 +394,9 @@ def sync_commit(table: str | DeltaTable, version: int) -> None:
     commit (bronze archives landing files) must first make that commit survive a
     power loss, or the input would be gone and the commit with it. Object stores
     are durable once a write returns, so only local paths need this.
+
+    The newest checkpoint and its pointer are fsynced too: deltalake's post-commit
+    hook may have written them with this commit.
     """
     root = local_root(table)
     if root is None:
@@ -296,12 +411,8 @@ def sync_commit(table: str | DeltaTable, version: int) -> None:
             fsync_file(data_file)
             directories.add(data_file.parent)
     fsync_file(entry)
-    for extra in (
-        log_dir / "_last_checkpoint",
-        *sorted(log_dir.glob("*.checkpoint*.parquet"))[-1:],
-    ):
-        if extra.exists():
-            fsync_file(extra)
+    for extra in checkpoint_files(log_dir):
+        fsync_file(extra)
     for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
         fsync_directory(directory)
 
@@ -327,10 +438,12 @@ def append(
 ) -> None:
     """Append ``frame`` and the marker in one commit (an empty frame commits just the marker).
 
-    ``partition_by`` applies when the append creates the table. A URI ``target`` on
-    object storage needs the store's ``storage_options`` (a table carries its own).
+    Pass the open table where there is one (see :func:`write_synced`); a URI ``target``
+    is for the append that creates the table. ``partition_by`` applies when the append
+    creates the table. A URI ``target`` on object storage needs the store's
+    ``storage_options`` (a table carries its own).
     """
-    write_deltalake(
+    write_synced(
         target,
         to_arrow(frame),
         mode="append",
@@ -340,7 +453,21 @@ def append(
         configuration=CDF_CONFIGURATION if cdf else None,
         commit_properties=marker,
     )
-    if isinstance(target, DeltaTable):  # the write moved it to the version it committed
+
+
+def write_synced(target: str | DeltaTable, data: pa.Table, **options: Any) -> None:
+    """``write_deltalake(target, data, **options)``, then fsync the commit it made.
+
+    Protects the durability of the commit (see :func:`sync_commit`) without listing the
+    log. Through a table object, deltalake leaves the object at the version it
+    committed (checked for appends, schema merges, predicate and schema overwrites in
+    deltalake 1.6, also when other commits landed since the object was loaded), so
+    that version is fsynced and the object stays current for whoever holds it (the
+    store's reused tables). By URI, deltalake loads the table itself and hands nothing
+    back, so the newest commit is looked up (:func:`sync_latest_commit`).
+    """
+    write_deltalake(target, data, **options)
+    if isinstance(target, DeltaTable):
         sync_commit(target, target.version())
     else:
         sync_latest_commit(target)

@@ -471,6 +471,8 @@ def _holds_binary(dtype: pl.DataType | DataTypeClass) -> bool:
 
 def to_raw_strings(frame: pl.DataFrame) -> pl.DataFrame:
     """Turn a typed frame (e.g. from Parquet) into the raw all-string shape of bronze."""
+    if all(dtype == pl.String for dtype in frame.schema.values()):
+        return frame  # raw already (landing files the writers made): nothing to evaluate
     return frame.with_columns(
         _raw_string(name, dtype).alias(name) for name, dtype in frame.schema.items()
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Literal, cast
@@ -38,6 +38,7 @@ from landing_zone.writer import DEAD_LETTER_COLUMNS
 ORIGIN = "kafka"
 KAFKA_LINEAGE_COLUMNS = (
     "kafka_topic",
+    "kafka_topic_id",
     "kafka_partition",
     "kafka_offset",
     "kafka_key",
@@ -63,6 +64,18 @@ class PreparedBatch:
     writes: list[tuple[str | None, pl.DataFrame]]  # (source, frame); None: dead letters
     positions: dict[Position, int]  # next offset to consume, per partition
     messages: int
+    lowest: dict[Position, int]  # the lowest offset of each partition in the batch
+    topic_ids: dict[str, str | None]  # the topic ids its records are stamped with
+
+    def restamp(self, topic: str, topic_id: str | None) -> None:
+        """Stamp ``topic``'s records (and dead letters) with ``topic_id`` instead: the
+        topic turned out to be a new incarnation of its name (see ``kafka_topic_id``)."""
+        stamp = pl.when(pl.col("kafka_topic") == topic).then(pl.lit(topic_id, pl.String))
+        self.writes = [
+            (source, frame.with_columns(stamp.otherwise("kafka_topic_id").alias("kafka_topic_id")))
+            for source, frame in self.writes
+        ]
+        self.topic_ids[topic] = topic_id
 
 
 def unmapped_error(topic: str) -> str:
@@ -197,15 +210,18 @@ def prepare_batch(
     payload_format: PayloadFormat,
     source_of: Callable[[str], str | None],
     received_at: str,
+    topic_ids: Mapping[str, str | None] | None = None,
 ) -> PreparedBatch:
     """Turn consumed data messages into landing frames.
 
     ``source_of`` maps a topic to its landing source (``None``: its messages become
-    dead letters); ``received_at`` stamps the dead letters.
+    dead letters); ``received_at`` stamps the dead letters; ``topic_ids`` maps a topic
+    to its topic id (``kafka_topic_id``; null for a topic without a known id).
     """
     topics, values = batch.topics, batch.values
-    positions = _positions(batch)
-    lineage = _lineage(batch)
+    positions, lowest = _offset_bounds(batch)
+    ids = {topic: (topic_ids or {}).get(topic) for topic in set(topics)}
+    lineage = _lineage(batch, ids)
     sources = {topic: source_of(topic) for topic in set(topics)}
     groups: list[tuple[str | None, list[int] | None]]  # None: every message of the batch
     if len(set(sources.values())) == 1:
@@ -244,7 +260,7 @@ def prepare_batch(
     if letters:
         letters.sort()
         writes.append((None, _dead_letters(values, lineage, letters, received_at)))
-    return PreparedBatch(writes, positions, len(batch))
+    return PreparedBatch(writes, positions, len(batch), lowest, ids)
 
 
 def warm_up() -> PreparedBatch:
@@ -274,26 +290,48 @@ def warm_up() -> PreparedBatch:
 # ------------------------------------------------------------------ lineage
 
 
-def _positions(batch: MessageColumns) -> dict[Position, int]:
-    """The next offset to consume per partition: its last offset in the batch + 1.
+def _offset_bounds(batch: MessageColumns) -> tuple[dict[Position, int], dict[Position, int]]:
+    """Per partition: the next offset to consume (its last offset in the batch + 1) and
+    the lowest offset in the batch.
 
-    librdkafka delivers a partition's messages in offset order, so its last one in the
-    batch has the highest offset.
+    librdkafka delivers a partition's messages in offset order, so the last is the
+    highest and the first the lowest, unless the topic was created again meanwhile:
+    then the offsets start again, lower, and the last one is still where to go on.
     """
     topics, partitions, offsets = batch.topics, batch.partitions, batch.offsets
     count = len(offsets)
     if topics.count(topics[0]) == count and partitions.count(partitions[0]) == count:
-        return {(topics[0], partitions[0]): max(offsets) + 1}  # the common case: C speed
-    last = dict(zip(zip(topics, partitions, strict=True), offsets, strict=True))
-    return {position: offset + 1 for position, offset in last.items()}
+        position = (topics[0], partitions[0])  # the common case: C speed
+        return {position: offsets[-1] + 1}, {position: min(offsets)}
+    frame = pl.DataFrame(
+        {"topic": topics, "partition": partitions, "offset": offsets},
+        schema={"topic": pl.String, "partition": pl.Int64, "offset": pl.Int64},
+    )
+    bounds = frame.group_by("topic", "partition").agg(
+        pl.col("offset").last().alias("last"), pl.col("offset").min().alias("lowest")
+    )
+    nexts: dict[Position, int] = {}
+    lowest: dict[Position, int] = {}
+    for topic, partition, last, low in bounds.iter_rows():
+        nexts[(topic, partition)] = last + 1
+        lowest[(topic, partition)] = low
+    return nexts, lowest
 
 
-def _lineage(batch: MessageColumns) -> pl.DataFrame:
+def _lineage(batch: MessageColumns, topic_ids: Mapping[str, str | None]) -> pl.DataFrame:
     """The lineage columns of every message, in :data:`KAFKA_LINEAGE_COLUMNS` order."""
     keys, key_flags = _keys(batch.keys)
+    topics = _texts("kafka_topic", batch.topics, pl.String)
+    if len(topic_ids) == 1:  # one topic: one id, repeated
+        topic_id = pl.repeat(
+            next(iter(topic_ids.values())), len(topics), dtype=pl.String, eager=True
+        )
+    else:
+        topic_id = topics.replace_strict(dict(topic_ids), default=None, return_dtype=pl.String)
     return pl.DataFrame(
         [
-            _texts("kafka_topic", batch.topics, pl.String),
+            topics,
+            topic_id.alias("kafka_topic_id"),
             _texts("kafka_partition", batch.partitions, pl.Int64),
             pl.Series("kafka_offset", batch.offsets, dtype=pl.Int64).cast(pl.String),
             keys.alias("kafka_key"),

@@ -17,7 +17,9 @@ unreachable) is retried every second; its batch is already durable.
 *Exactly once into bronze* is bronze's part: every record carries its Kafka
 position (``kafka_topic``, ``kafka_partition``, ``kafka_offset``) and bronze
 drops positions it already holds. Within one partition the bridge lands
-offsets in increasing order.
+offsets in increasing order. Positions are those of one incarnation of a topic
+(``kafka_topic_id``): a topic deleted and created again starts its offsets at 0
+again, and bronze keeps the two apart (:mod:`landing_zone.kafka_topic_ids`).
 
 Records
 -------
@@ -33,6 +35,9 @@ dead letter, also carries the lineage columns of :data:`KAFKA_LINEAGE_COLUMNS`
 
 ``kafka_topic``
     the topic name.
+``kafka_topic_id``
+    the topic's id (Kafka's topic UUID, base64 as Kafka prints it), learned from the
+    cluster when partitions are assigned; null where the cluster did not name one.
 ``kafka_partition`` / ``kafka_offset``
     decimal text.
 ``kafka_key``
@@ -120,6 +125,7 @@ from landing_zone.kafka_batch import (
     warm_up,
 )
 from landing_zone.kafka_lag import StatisticsError, parse_statistics, partition_lag
+from landing_zone.kafka_topic_ids import TopicIds
 from landing_zone.writer import LandingWriteError, LandingWriter
 
 log = structlog.get_logger(__name__)
@@ -165,6 +171,8 @@ _PREPARING_POLL_S = 0.01
 # at once would make a file per burst of a user who set a long latency bound to get
 # few files. Ten thousand messages are a backlog no latency bound is meant to hold.
 _BACKLOG_FULL_CALLS = 10
+# Least time between two attempts to learn the id of a topic the cluster did not name.
+_TOPIC_ID_RETRY_S = 30.0
 
 OptionValue = str | int | float | bool
 
@@ -342,6 +350,11 @@ class KafkaBridge:
         self._fatal: KafkaError | None = None
         self._error_logged: dict[int, float] = {}
         self._sources: dict[str, str | None] = {}
+        self._topic_ids: dict[str, str | None] = {}  # see landing_zone.kafka_topic_ids
+        self._topic_ids_asked_at = 0.0
+        self._topic_ids_missing: set[str] = set()  # warned about
+        self._topic_id_lookup: TopicIds | None = None
+        self._landed_next: dict[Position, int] = {}  # next offset after what was landed
         options = config.kafka_options
         self._incremental = (
             "cooperative" in str(options.get("partition.assignment.strategy", ""))
@@ -412,6 +425,7 @@ class KafkaBridge:
         conf["logger"] = logging.getLogger(f"{__name__}.librdkafka")
         consumer = Consumer(conf)
         self._consumer = consumer
+        self._topic_id_lookup = TopicIds(self.librdkafka_config())
         # One thread turns batches into frames while this one consumes and lands (the
         # JSON parse releases the GIL). A second one measured no faster on two cores.
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="kafka-bridge-prepare")
@@ -543,8 +557,16 @@ class KafkaBridge:
             return
         assert self._preparer is not None, "batches are cut only while run() runs"
         received_at = datetime.now(UTC).isoformat()
+        unknown = [t for t, i in self._topic_ids.items() if i is None]
+        if unknown and time.monotonic() - self._topic_ids_asked_at >= _TOPIC_ID_RETRY_S:
+            self._learn_topic_ids(unknown)
         prepared = self._preparer.submit(
-            prepare_batch, self._buffer, self.config.payload_format, self._source_of, received_at
+            prepare_batch,
+            self._buffer,
+            self.config.payload_format,
+            self._source_of,
+            received_at,
+            dict(self._topic_ids),
         )
         self._pending.append(_InFlight(prepared, self._buffer))
         self._buffer = MessageColumns.empty()
@@ -574,6 +596,7 @@ class KafkaBridge:
                 break
             batch = head.prepared.result()
             try:
+                self._check_incarnations(batch)
                 self._write(batch)
             except (LandingWriteError, OSError) as exc:
                 self.write_failures += 1
@@ -590,6 +613,7 @@ class KafkaBridge:
             self._pending.pop(0)
             for position, offset in batch.positions.items():
                 self._uncommitted[position] = max(offset, self._uncommitted.get(position, 0))
+                self._landed_next[position] = offset
             # Commit before the next write: a crash then re-delivers at most one batch.
             if commit and self._uncommitted:
                 self._commit()
@@ -609,6 +633,55 @@ class KafkaBridge:
                 self.records_landed += frame.height
             batch.writes.pop(0)  # durable: a retry must not write it again
             self.batches_written += 1
+
+    def _check_incarnations(self, batch: PreparedBatch) -> None:
+        """Re-stamp a batch whose topic turns out to have been deleted and created again.
+
+        A partition whose offsets go back below what this bridge already landed is
+        either re-delivered (a rebalance before a commit: the same topic) or a new
+        topic under the old name (its offsets start again at 0). Only the topic's id
+        tells them apart, and bronze must see the new one, or it would drop the new
+        messages as already held (see :mod:`landing_zone.kafka_topic_ids`).
+        """
+        regressed = {
+            topic
+            for (topic, partition), lowest in batch.lowest.items()
+            if lowest < self._landed_next.get((topic, partition), 0)
+        }
+        if not regressed:
+            return
+        for topic, topic_id in self._learn_topic_ids(regressed).items():
+            if topic_id is not None and topic_id != batch.topic_ids.get(topic):
+                log.warning(
+                    "kafka_bridge.topic_recreated",
+                    topic=topic,
+                    old_topic_id=batch.topic_ids.get(topic),
+                    topic_id=topic_id,
+                    note="its offsets start again; bronze keeps them apart by topic id",
+                )
+                batch.restamp(topic, topic_id)
+                for position in [p for p in self._landed_next if p[0] == topic]:
+                    del self._landed_next[position]
+
+    def _learn_topic_ids(self, topics: Iterable[str]) -> dict[str, str | None]:
+        """Ask the cluster for the ids of ``topics`` and remember them (unknown: None)."""
+        self._topic_ids_asked_at = time.monotonic()
+        lookup = self._topic_id_lookup
+        learned = lookup.describe(topics) if lookup is not None else dict.fromkeys(topics)
+        for topic, topic_id in learned.items():
+            if topic_id is not None or topic not in self._topic_ids:
+                self._topic_ids[topic] = topic_id
+        missing = sorted(t for t, i in learned.items() if i is None and self._topic_ids[t] is None)
+        if missing and not set(missing) <= self._topic_ids_missing:
+            log.warning(
+                "kafka_bridge.topic_id_unknown",
+                topics=missing,
+                retry_in_s=_TOPIC_ID_RETRY_S,
+                note="their records carry no kafka_topic_id, so bronze cannot tell a "
+                "topic deleted and created again from re-delivery",
+            )
+        self._topic_ids_missing = set(missing)
+        return learned
 
     def _source_of(self, topic: str) -> str | None:
         # Runs in the preparing thread only, which alone touches the memo.
@@ -657,6 +730,8 @@ class KafkaBridge:
         self.rebalances += 1
         self._assignment.update((tp.topic, tp.partition) for tp in partitions)
         log.info("kafka_bridge.assigned", partitions=_names(partitions))
+        # The open batch was landed on revoke, so new ids stamp only new messages.
+        self._learn_topic_ids({tp.topic for tp in partitions})
         if self._pause_reasons:
             # Assign here (instead of after the callback) so the new partitions are paused
             # before any fetch: a paused bridge must not take in new messages.

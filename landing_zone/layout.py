@@ -72,6 +72,10 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+# Listings retried when a directory vanishes under them (bronze archiving a claim).
+_LISTING_ATTEMPTS = 5
+
+
 @dataclass(frozen=True)
 class LandingLayout:
     """Paths of the landing zone under one data directory."""
@@ -173,14 +177,23 @@ class LandingLayout:
         write under that id (e.g. an interrupted one) became durable.
         """
         name = f"{batch_id}.parquet"
-        if (self.source_dir(source) / name).is_file():
-            return True
-        places = [
-            self.inflight_root(source).glob(f"*/*{name}"),  # claimed names carry a prefix
-            (self.data_dir / "archive" / check_source_name(source)).glob(f"*/{name}"),
-            self.quarantine_files_dir(source).glob(name),
-        ]
-        return any(any(found) for found in places)
+        # Looked for in the order files move (landing, claims, archive, set aside), so a
+        # file moving on meanwhile is found further on; a claim directory bronze removes
+        # while it is listed is looked through again.
+        for attempt in range(_LISTING_ATTEMPTS):
+            try:
+                if (self.source_dir(source) / name).is_file():
+                    return True
+                places = [
+                    self.inflight_root(source).glob(f"*/*{name}"),  # claimed: a prefix
+                    (self.data_dir / "archive" / check_source_name(source)).glob(f"*/{name}"),
+                    self.quarantine_files_dir(source).glob(name),
+                ]
+                return any(any(found) for found in places)
+            except FileNotFoundError:
+                if attempt == _LISTING_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def inflight_batches(self, source: str) -> list[tuple[int, Path]]:
         """Claimed-but-unfinished bronze batches of ``source`` as ``(seq, dir)``, by seq."""

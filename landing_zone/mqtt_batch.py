@@ -98,6 +98,11 @@ class SourceBatch:
         """Every message of this source as a dead letter with ``error`` (an unwritable batch)."""
         return [dead_letter(m[3], topic, at, error) for m, topic, at in self.origins]
 
+    @property
+    def messages(self) -> list[Received]:
+        """The message of each record, in order."""
+        return [m for m, _, _ in self.origins]
+
 
 @dataclass
 class MappedBatch:
@@ -105,6 +110,9 @@ class MappedBatch:
 
     sources: dict[str, SourceBatch]
     dead_letters: list[dict[str, str]]
+    # The message of each dead letter, in the same order (the bridge's redelivery journal
+    # records which file holds every message).
+    dead_letter_messages: list[Received] = field(default_factory=list)
 
 
 def map_batch(
@@ -119,6 +127,7 @@ def map_batch(
         wall_offset = time.time() - time.monotonic()
     sources: dict[str, SourceBatch] = {}
     letters: list[dict[str, str]] = []
+    rejected: list[Received] = []
     for message in messages:
         _, _, raw_topic, payload, at = message
         received_at = datetime.fromtimestamp(at + wall_offset, UTC)
@@ -127,17 +136,20 @@ def map_batch(
         if mapped.match is None:
             assert mapped.rejection is not None
             letters.append(dead_letter(payload, topic, received_at, mapped.rejection))
+            rejected.append(message)
             continue
         try:
             record = message_record(mapped.match, topic, payload, received_at)
         except MessageRejected as exc:
             letters.append(dead_letter(payload, topic, received_at, exc.reason))
+            rejected.append(message)
             continue
         except Exception as exc:
             # A mapping bug must not wedge the session by redelivering forever.
             log.exception("mqtt.mapping_failed", topic=topic)
             error = f"internal error mapping the message: {exc!r}"
             letters.append(dead_letter(payload, topic, received_at, error))
+            rejected.append(message)
             continue
         source = mapped.match.pattern.source
         batch = sources.get(source)
@@ -145,7 +157,7 @@ def map_batch(
             batch = sources[source] = SourceBatch()
         batch.records.append(record)
         batch.origins.append((message, topic, received_at))
-    return MappedBatch(sources, letters)
+    return MappedBatch(sources, letters, rejected)
 
 
 def dead_letter(payload: bytes, topic: str, received_at: datetime, error: str) -> dict[str, str]:

@@ -7,8 +7,11 @@ turned off (``manual_ack=True``). A message is acknowledged with
 ``client.ack(mid, qos)`` only after the landing file holding it (or its dead
 letter) has been written, fsynced and renamed. Until then the broker keeps it in
 our session's in-flight window and redelivers it after any reconnect, bridge
-crash or broker restart; so a message is landed *at least once* and silver's key
-de-duplication makes it count once.
+crash or broker restart. A redelivered copy (DUP set) of a message that was landed
+but whose PUBACK the broker never read is recognised by the redelivery journal
+(:mod:`landing_zone.mqtt_journal`, under ``<data_dir>/_meta/mqtt/``) and acknowledged
+without being landed again: each message lands once, even one without a timestamp of
+its own (stamped with its receive time, a copy would be a second reading in silver).
 
 Two threads. The network thread, :meth:`MqttBridge.run`, drives paho's loop itself
 (``client.loop``), so callbacks and acks never race and reconnection (exponential
@@ -34,6 +37,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +52,18 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from config.crash_hook import CrashHook
 from landing_zone.formats import raw_frame
+from landing_zone.layout import DEAD_LETTERS, LandingLayout
 from landing_zone.mqtt_batch import Received, TopicMapper, map_batch
+from landing_zone.mqtt_journal import (
+    LandingRef,
+    ReceiveWindow,
+    RedeliveryJournal,
+    journal_path,
+)
 from landing_zone.mqtt_topics import DEVICE_PATTERN, TopicPattern
-from landing_zone.writer import LandingWriteError, LandingWriter
+from landing_zone.writer import LandingWriteError, LandingWriter, new_batch_id
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +77,10 @@ _LANDING_POLL_S = 0.005
 # Never subscribed: unsubscribing it is a harmless round trip (see MqttBridge._ack_barrier).
 _BARRIER_FILTER = "$lakehouse/ack-barrier"
 _BARRIER_TIMEOUT_S = 2.0
+# LAKEHOUSE_CRASH_AT points of the landing thread (config.crash_hook), in batch order: the
+# batch is closed; its journal record is durable; its landing files are durable (the
+# PUBACKs not sent yet).
+CRASH_POINTS = frozenset({"mqtt_before_journal", "mqtt_after_journal", "mqtt_after_landing"})
 
 
 @dataclass(frozen=True)
@@ -229,18 +245,39 @@ class MqttBridge:
     Counters are plain attributes, read without locking by a metrics endpoint:
     ``messages_in``, ``batches_written`` (landing files, dead-letter files included),
     ``records_landed``, ``dead_letters``, ``acked``, ``redelivered`` (arrived with DUP),
+    ``skipped_redeliveries`` (copies of landed messages: acknowledged, not landed again),
     ``reconnects``, ``connect_failures``, ``write_failures``.
     """
 
-    def __init__(self, config: MqttBridgeConfig, writer: LandingWriter) -> None:
+    def __init__(
+        self,
+        config: MqttBridgeConfig,
+        writer: LandingWriter,
+        layout: LandingLayout,
+        *,
+        crash_at: str | None = None,
+    ) -> None:
+        """``writer`` writes the landing files, under ``layout``'s data directory, which
+        also holds the redelivery journal; ``crash_at`` is ``Settings.crash_at`` (tests).
+
+        Reads the journal: raises OSError if it cannot (the bridge cannot tell copies of
+        what it landed before from new messages).
+        """
         self._config = config
         self._writer = writer
+        self._journal = RedeliveryJournal.open(
+            journal_path(layout.data_dir, config.host, config.port, config.client_id),
+            self._receive_maximum(),
+            lambda ref: layout.batch_exists(ref.source, ref.batch_id),
+        )
+        self._crash = CrashHook(crash_at, "mqtt_", CRASH_POINTS)
         self._tls = _tls_context(config.tls) if config.tls is not None else None
         self._rng = random.Random()
         self._mapper = TopicMapper(config.patterns)
         # Received, not yet acknowledged messages of the open batch: the callback only
         # queues them, the landing thread maps the whole batch at once (_land).
         self._pending: list[Received] = []
+        self._pending_dups: list[int] = []  # positions in _pending of messages with DUP set
         self._landing: deque[_Landing] = deque()  # handed to the landing thread, in order
         self._connection = 0  # bumped whenever a connection ends (see _land)
         self._failed_connection = -1  # a write failed for this one: land none of its batches
@@ -255,6 +292,11 @@ class MqttBridge:
         self._failures = 0  # consecutive failed attempts: drives the back-off
         self._barrier_mid: int | None = None
         self._barrier_passed = False
+        # The journal's receive window (see _receive_window): QoS 0 messages received, the
+        # current connection's number and the QoS 1 count when the broker accepted it.
+        self._qos0_in = 0
+        self._window = (0, 0)
+        self._journal_reset_due = False  # the broker lost our session: clear it first
         self.subscribed = threading.Event()  # set once the broker confirmed the subscriptions
         self.messages_in = 0
         self.batches_written = 0
@@ -262,6 +304,7 @@ class MqttBridge:
         self.dead_letters = 0
         self.acked = 0
         self.redelivered = 0  # arrived with DUP set: sent before, never acknowledged
+        self.skipped_redeliveries = 0  # ... and landed before: acknowledged, not landed again
         self.reconnects = 0
         self.connect_failures = 0
         self.write_failures = 0
@@ -280,6 +323,7 @@ class MqttBridge:
             "dead_letters",
             "acked",
             "redelivered",
+            "skipped_redeliveries",
             "reconnects",
             "connect_failures",
             "write_failures",
@@ -379,8 +423,13 @@ class MqttBridge:
         # hold a whole batch, or batches could only ever be closed by latency; two
         # batches, so the broker sends the next one while this one is being landed.
         # (mosquitto 2 honours it for MQTT 5 clients, beyond its max_inflight_messages.)
-        props.ReceiveMaximum = min(2 * self._config.batch_max_messages, MAX_RECEIVE_MAXIMUM)
+        props.ReceiveMaximum = self._receive_maximum()
         return props
+
+    def _receive_maximum(self) -> int:
+        # Also the redelivery journal's bound: the broker never has more than this many
+        # messages out to us unacknowledged (see landing_zone.mqtt_journal).
+        return min(2 * self._config.batch_max_messages, MAX_RECEIVE_MAXIMUM)
 
     def _open_link(self, client: mqtt.Client) -> None:
         cfg = self._config
@@ -446,7 +495,8 @@ class MqttBridge:
         # to our session on reconnect. Writing them now would only add duplicates (and,
         # for payloads without a timestamp, duplicates with a different receive time).
         # The landing thread skips the closed batches of this connection it has not
-        # started; one being written completes, and its redelivered copy lands again.
+        # started; one being written completes, and the redelivery journal recognises
+        # its redelivered copies (acknowledged, not landed again).
         self._connection += 1
         unacknowledged = len(self._pending) + sum(len(b.messages) for b in self._landing)
         if unacknowledged:
@@ -457,6 +507,7 @@ class MqttBridge:
                 detail="not acknowledged; the broker redelivers them",
             )
         self._pending = []
+        self._pending_dups = []
         self._pending_bytes = 0
         self._landing.clear()
 
@@ -531,26 +582,88 @@ class MqttBridge:
     def _close_batch(self, lander: ThreadPoolExecutor) -> None:
         """Hand the open batch to the landing thread (acknowledged in _acknowledge_landed)."""
         batch = self._pending
+        redelivered = self._pending_dups
         self._pending = []
+        self._pending_dups = []
         self._pending_bytes = 0
-        landed = lander.submit(self._land, batch, self._connection)
+        seen = self.messages_in - self._qos0_in
+        landed = lander.submit(
+            self._land, batch, self._connection, redelivered, seen, self._journal.epoch
+        )
         self._landing.append(_Landing(batch, landed))
 
-    def _land(self, batch: list[Received], connection: int) -> bool:
+    def _receive_window(self) -> ReceiveWindow:
+        """Landing thread: the journal's view of what the network thread has received."""
+        # The count first: a connection accepted after reading it only moves the start
+        # past it, which keeps more journal records, never fewer. (The network thread
+        # counts a QoS 0 message before counting it in, for the same reason.)
+        received = self.messages_in - self._qos0_in
+        connection, start = self._window
+        return ReceiveWindow(connection, start, received)
+
+    def _land(
+        self,
+        batch: list[Received],
+        connection: int,
+        redelivered: Sequence[int] = (),
+        seen: int = 0,
+        epoch: int | None = None,
+    ) -> bool:
         """Landing thread: write a batch (one file per source, one of dead letters).
 
+        ``redelivered``: positions of the messages that arrived with DUP set; those the
+        journal knows as landed are acknowledged but not landed again. ``seen``: QoS 1
+        messages received up to the batch's last; ``epoch``: the journal's when the batch
+        closed (default: now).
+
         Returns whether every file of the batch is durable; False (nothing may be
-        acknowledged) when one could not be written, or when the batch belongs to a
-        connection that is gone or failed a write (the broker redelivers it anyway).
+        acknowledged) when one (or the batch's journal record) could not be written, or
+        when the batch belongs to a connection that is gone or failed a write (the broker
+        redelivers it anyway).
         """
         if connection != self._connection or connection == self._failed_connection:
             return False
+        journal = self._journal
+        window = self._receive_window()
+        size = len(batch)
+        if redelivered and journal.batches:  # the journal is usually empty, copies rare
+            known = journal.known(
+                batch, redelivered, connection=connection, seen=seen, window=window
+            )
+            if known:
+                self.skipped_redeliveries += len(known)
+                log.debug(
+                    "mqtt.redeliveries_skipped",
+                    messages=len(known),
+                    detail="copies of landed messages whose PUBACK the broker never read: "
+                    "acknowledged, not landed again",
+                )
+                skip = set(known)
+                batch = [m for i, m in enumerate(batch) if i not in skip]
+                if not batch:
+                    return True
         mapped = map_batch(batch, self._mapper)
         letters = mapped.dead_letters
+        # Named up front, so the journal can record which file will hold each message
+        # before any is written; the dead-letter file comes last (see mqtt_journal).
+        files = {source: LandingRef(source, new_batch_id()) for source in mapped.sources}
+        letters_file = LandingRef(DEAD_LETTERS, new_batch_id())
         try:
+            self._crash.reached("mqtt_before_journal")
+            journal.record(
+                [(files[source], entries.messages) for source, entries in mapped.sources.items()]
+                + [(letters_file, mapped.dead_letter_messages)],
+                connection=connection,
+                seen=seen,
+                window=window,
+                epoch=journal.epoch if epoch is None else epoch,
+            )
+            self._crash.reached("mqtt_after_journal")
             for source, entries in mapped.sources.items():
                 try:
-                    receipt = self._writer.write_frame(source, raw_frame(entries.records))
+                    receipt = self._writer.write_frame(
+                        source, raw_frame(entries.records), batch_id=files[source].batch_id
+                    )
                 except LandingWriteError:
                     raise
                 except Exception as exc:
@@ -563,10 +676,12 @@ class MqttBridge:
                     error = f"cannot write a landing file for source {source!r}: {exc}"
                     letters.extend(entries.dead_letters(error))
                     continue
+                journal.mark_written(files[source])
                 self.batches_written += 1
                 self.records_landed += receipt.records
             if letters:
-                self._writer.write_dead_letters(raw_frame(letters))
+                self._writer.write_dead_letters(raw_frame(letters), batch_id=letters_file.batch_id)
+                journal.mark_written(letters_file)
                 self.batches_written += 1
                 self.dead_letters += len(letters)
         except LandingWriteError as exc:
@@ -576,14 +691,16 @@ class MqttBridge:
             self.write_failures += 1
             log.error(
                 "mqtt.landing_write_failed",
-                messages=len(batch),
+                messages=size,
                 error=str(exc),
                 detail="not acknowledged; reconnecting so the broker redelivers them",
             )
             return False
+        self._crash.reached("mqtt_after_landing")
         log.debug(
             "mqtt.batch_landed",
-            messages=len(batch),
+            messages=size,
+            skipped=size - len(batch),
             sources=sorted(mapped.sources),
             dead_letters=len(letters),
         )
@@ -632,6 +749,27 @@ class MqttBridge:
                 error=f"mqtt connection refused: {str(reason_code).lower()}",
             )
             return
+        if not flags.session_present or self._journal_reset_due:
+            # The broker resends nothing of an earlier session, and numbers the new one's
+            # packets afresh: the journal's records would only match messages never landed.
+            # Cleared durably before subscribing, so before any message of the new session.
+            self._journal_reset_due = True
+            try:
+                if self._journal.reset():
+                    log.info("mqtt.journal_cleared", client_id=cfg.client_id)
+            except OSError as exc:
+                self._attempt = "refused"
+                log.error(
+                    "mqtt.journal_reset_failed",
+                    path=str(self._journal.path),
+                    error=str(exc),
+                    detail="not subscribing before the redelivery journal is cleared; "
+                    "retrying after the back-off",
+                )
+                client.disconnect()
+                return
+            self._journal_reset_due = False
+        self._window = (self._connection, self.messages_in - self._qos0_in)
         self._attempt = "accepted"
         self._connected = True
         self._failures = 0
@@ -749,6 +887,9 @@ class MqttBridge:
             (message.mid, message.qos, message._topic, bytes(payload), message.timestamp)
         )
         self._pending_bytes += len(payload)
+        if not message.qos:  # never redelivered, and outside the journal's receive window
+            self._qos0_in += 1
         self.messages_in += 1
         if message.dup:
             self.redelivered += 1
+            self._pending_dups.append(len(self._pending) - 1)

@@ -160,15 +160,18 @@ class LandingWriter:
             source, frame, final_dir, temp_dir, batch_id, metadata or None, publish_guard
         )
 
-    def write_dead_letters(self, frame: pl.DataFrame) -> LandingReceipt:
+    def write_dead_letters(
+        self, frame: pl.DataFrame, *, batch_id: str | None = None
+    ) -> LandingReceipt:
         """Durably set aside messages no record could be made of (see DEAD_LETTER_COLUMNS).
 
         The processor moves them into the Delta table ``quarantine/_dead_letters``.
+        ``batch_id`` names the file (a caller that recorded it beforehand; default: new).
         """
         missing = [c for c in DEAD_LETTER_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"dead letters need the columns {missing}")
-        return self.write_frame(DEAD_LETTERS, frame)
+        return self.write_frame(DEAD_LETTERS, frame, batch_id=batch_id)
 
     def _write(
         self,

@@ -10,6 +10,7 @@ import pytest
 from api.tokens import TokenStore
 from config.settings import Settings, load_settings
 from tests.helpers import free_port, start_lakehouse, stop, wait_healthy
+from tests.mqtt_broker import MOSQUITTO, MosquittoBroker
 
 
 @pytest.fixture
@@ -75,3 +76,17 @@ def live_api(data_dir: Path, tokens: Tokens, tmp_path: Path) -> Iterator[LiveSer
         yield server
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A mosquitto of the test's own on a free loopback port (the MQTT tests' broker;
+    the Kafka tests define their own ``broker``, a tansu)."""
+    if MOSQUITTO is None:
+        pytest.skip("the mosquitto binary is not installed")
+    server = MosquittoBroker(tmp_path / "broker")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -35,7 +35,7 @@ from delta_processing.coercions import (
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.gold import gold_frame, latest_schema, latest_values
 from delta_processing.processor import Processor
-from delta_processing.silver import SilverPromoter
+from delta_processing.silver import SilverPromoter, with_arrival
 from delta_processing.tables import TableStore, as_inserts, read_changes
 from landing_zone.layout import LandingLayout
 from tests.helpers import count_change_feed_reads, land_records
@@ -484,3 +484,39 @@ def test_a_silver_that_lags_reads_every_version_it_missed(data_dir: Path) -> Non
     assert promoted is not None and promoted.rows_in == 2
     silver = pl.read_delta(str(data_dir / "silver" / "readings"))
     assert sorted(silver["value"].to_list()) == [1.0, 2.0]
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(
+    files=st.lists(st.integers(0, 4), min_size=1, max_size=6),
+    versions=st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_arrival_is_the_same_whether_rows_come_sorted_or_not(
+    files: list[int], versions: list[int], shuffle: bool, seed: int
+) -> None:
+    """Rows bronze hands over in order skip the sort; any other order is sorted first."""
+    rows = pl.DataFrame(
+        [
+            (version, order, row, f"r{version}-{order}-{row}")
+            for version in sorted(set(versions))
+            for order, height in enumerate(files)
+            for row in range(height)
+        ],
+        schema={
+            "_commit_version": pl.Int64,
+            "_file_order": pl.Int64,
+            "_row": pl.Int64,
+            "id": pl.String,
+        },
+        orient="row",
+    )
+    expected = rows.with_columns(
+        (pl.col("_commit_version") * 2**32 + pl.int_range(pl.len()).over("_commit_version")).alias(
+            "_arrival"
+        )
+    )
+    given_rows = rows.sample(fraction=1.0, shuffle=True, seed=seed) if shuffle else rows
+    assert_frame_equal(with_arrival(given_rows), expected, check_row_order=False)
+    assert with_arrival(given_rows)["_arrival"].is_sorted()

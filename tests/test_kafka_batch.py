@@ -32,6 +32,8 @@ from landing_zone.kafka_batch import (
 RECEIVED = "2026-11-22T12:00:00+00:00"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SOURCES = {"plant": "readings", "plant.b": "readings", "other": "other_src", "1bad": None}
+# Topic ids as the bridge learned them; "other" has none (the cluster did not name it).
+TOPIC_IDS = {"plant": "AaIFUAcYe9KSNczfAJcVMQ", "plant.b": "AaIFUAcjdDG0Eb+CHRnr8g", "1bad": "x"}
 
 
 def source_of(topic: str) -> str | None:
@@ -64,7 +66,8 @@ def prepare(
 ) -> PreparedBatch:
     """Prepare ``messages`` as the bridge does: taken ``chunk`` at a time (one consume
     call each), all at once by default."""
-    return prepare_batch(columns_of(messages, chunk), payload_format, source_of, RECEIVED)
+    columns = columns_of(messages, chunk)
+    return prepare_batch(columns, payload_format, source_of, RECEIVED, TOPIC_IDS)
 
 
 def columns_of(messages: list[Message], chunk: int | None = None) -> MessageColumns:
@@ -118,6 +121,7 @@ def expected_lineage(m: Message) -> dict[str, str | None]:
             headers[name].append(value)
     return {
         "kafka_topic": m.topic(),
+        "kafka_topic_id": TOPIC_IDS.get(topic_of(m)),
         "kafka_partition": str(m.partition()),
         "kafka_offset": str(m.offset()),
         "kafka_key": key_text,
@@ -306,7 +310,20 @@ def test_first_offsets_and_positions_per_partition() -> None:
     assert columns.payload_bytes() == 10
     batch = prepare(messages)
     assert batch.positions == {("plant", 0): 8, ("plant", 1): 11}
+    assert batch.lowest == {("plant", 0): 5, ("plant", 1): 9}
     assert frames(batch)["readings"].width == len(KAFKA_LINEAGE_COLUMNS)  # `{}`: lineage only
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_a_partition_starting_again_goes_on_from_its_last_offset(partitions: int) -> None:
+    """Offsets that go back within a batch (the topic was created again): the bridge
+    commits after the last one, and reports the lowest for the topic-id check."""
+    offsets = [(0, 41), (0, 42), (0, 0), (0, 1)] + ([(1, 7)] if partitions == 2 else [])
+    batch = prepare([message(b"{}", partition=p, offset=o) for p, o in offsets])
+    assert batch.positions[("plant", 0)] == 2
+    assert batch.lowest[("plant", 0)] == 0
+    if partitions == 2:
+        assert batch.positions[("plant", 1)] == 8 and batch.lowest[("plant", 1)] == 7
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 2])

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from landing_zone.layout import LandingLayout, is_landing_file
 from landing_zone.writer import LandingWriter, new_batch_id
@@ -61,3 +62,29 @@ def test_a_refused_write_raises_landing_write_error_and_leaves_nothing(data_dir:
     landing = data_dir / "landing" / "readings"
     assert len(list(landing.glob("*.parquet"))) == 1  # only the first, complete batch
     assert list((landing / ".tmp").iterdir()) == []
+
+
+def test_batch_exists_looks_again_when_a_claim_vanishes_while_listed(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bronze removes a claim directory after archiving its files; a listing caught in
+    between (FileNotFoundError from scandir) must look again, not fail the caller (the
+    MQTT bridge's journal asks at start-up, while the processor runs)."""
+    layout = LandingLayout(data_dir)
+    archived = data_dir / "archive" / "readings" / "2026-11-22"
+    archived.mkdir(parents=True)
+    (archived / "b1.parquet").write_bytes(b"x")
+    (layout.inflight_root("readings") / "00000000000000000007").mkdir(parents=True)
+    real_glob = Path.glob
+    vanished = {"left": 1}
+
+    def racing_glob(self: Path, pattern: str) -> object:
+        if vanished["left"] and self == layout.inflight_root("readings"):
+            vanished["left"] -= 1
+            raise FileNotFoundError(2, "No such file or directory", str(self / "0007"))
+        return real_glob(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", racing_glob)
+    assert layout.batch_exists("readings", "b1")
+    assert vanished["left"] == 0
+    assert not layout.batch_exists("readings", "b2")

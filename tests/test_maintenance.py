@@ -504,3 +504,16 @@ def test_processor_housekeeping_and_the_optimize_and_vacuum_commands(tmp_path: P
     assert cli("vacuum", "nowhere/x").returncode == 2
     assert json.loads(cli("sql", "SELECT count(*) AS n FROM silver.readings", "-f", "json")
                       .stdout) == [{"n": 12}]  # fmt: skip
+
+
+def test_the_log_retention_setting_reaches_the_policy(tmp_path: Path) -> None:
+    """The processor's log cleanup keeps a short log by default: deltalake lists the
+    whole log on every commit, so a month of entries (Delta's default) would slow every
+    commit of a table that commits several times a second."""
+    from config.settings import load_settings
+    from delta_processing.maintenance import policy_for
+
+    assert policy_for(load_settings(data_dir=tmp_path)).log_retention == timedelta(hours=1)
+    custom = load_settings(data_dir=tmp_path, log_retention_hours=0.25)
+    assert policy_for(custom).log_retention == timedelta(minutes=15)
+    assert delta_interval(timedelta(minutes=15)) == "interval 900 seconds"

@@ -235,7 +235,7 @@ def test_records_frame_is_all_string_in_order_of_first_appearance() -> None:
 
 def bridge_for(tmp_path: Path, writer: LandingWriter | None = None) -> MqttBridge:
     writer = writer or LandingWriter(LandingLayout(tmp_path))
-    return MqttBridge(MqttBridgeConfig(), writer)
+    return MqttBridge(MqttBridgeConfig(), writer, LandingLayout(tmp_path))
 
 
 def test_a_batch_of_a_lost_connection_is_not_landed(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_messages_keep_arriving_while_a_batch_lands_and_acks_wait_for_it(tmp_pat
             host=broker.host, port=broker.port, client_id=f"held-{uuid.uuid4().hex[:8]}",
             batch_max_messages=20, batch_max_latency_ms=100,
         )  # fmt: skip
-        bridge = MqttBridge(config, writer)
+        bridge = MqttBridge(config, writer, LandingLayout(data))
         stop = threading.Event()
         thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
         thread.start()

@@ -271,7 +271,7 @@ def test_bridge_config_validation(tmp_path: Path) -> None:
 
 def test_reconnect_backoff_is_exponential_jittered_and_capped(tmp_path: Path) -> None:
     config = MqttBridgeConfig(reconnect_min_delay_s=0.5, reconnect_max_delay_s=30)
-    bridge = MqttBridge(config, writer_for(tmp_path))
+    bridge = MqttBridge(config, writer_for(tmp_path), LandingLayout(tmp_path))
     for failures, step in [(1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0), (7, 30.0), (5000, 30.0)]:
         bridge._failures = failures
         delays = [bridge._backoff_delay() for _ in range(50)]
@@ -280,18 +280,6 @@ def test_reconnect_backoff_is_exponential_jittered_and_capped(tmp_path: Path) ->
 
 
 # -- integration: a real broker -----------------------------------------------------
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    if MOSQUITTO is None:
-        pytest.skip("the mosquitto binary is not installed")
-    server = MosquittoBroker(tmp_path / "broker")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def bridge_config(broker: MosquittoBroker, **changes: Any) -> MqttBridgeConfig:
@@ -312,7 +300,7 @@ def bridge_config(broker: MosquittoBroker, **changes: Any) -> MqttBridgeConfig:
 def running_bridge(
     config: MqttBridgeConfig, writer: LandingWriter, *, wait_subscribed: bool = True
 ) -> Iterator[MqttBridge]:
-    bridge = MqttBridge(config, writer)
+    bridge = MqttBridge(config, writer, writer._layout)
     stop = threading.Event()
     thread = threading.Thread(target=bridge.run, args=(stop,), daemon=True)
     thread.start()
@@ -379,7 +367,7 @@ def writer_for(data_dir: Path) -> LandingWriter:
 
 
 def start_bridge_process(
-    config: MqttBridgeConfig, data_dir: Path, work: Path, name: str
+    config: MqttBridgeConfig, data_dir: Path, work: Path, name: str, **env: str
 ) -> subprocess.Popen[bytes]:
     config_file = work / f"{name}.json"
     config_file.write_text(config.model_dump_json())
@@ -387,7 +375,7 @@ def start_bridge_process(
     proc = subprocess.Popen(
         [*LAKEHOUSE, "bridge", "mqtt", "--config", str(config_file)],
         cwd=REPO,
-        env=lakehouse_env(data_dir, LAKEHOUSE_LOG_LEVEL="INFO"),
+        env=lakehouse_env(data_dir, LAKEHOUSE_LOG_LEVEL="INFO", **env),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -561,8 +549,10 @@ def test_sigkill_mid_stream_loses_nothing_and_silver_counts_each_reading_once(
     stopped = json.loads((tmp_path / "second.log").read_text().strip().splitlines()[-1])
     assert stopped["event"] == "mqtt.bridge_stopped"
     assert stopped["redelivered"] >= 1  # the killed bridge's open batch came back
-    values = landed_values(data_dir)
-    assert set(values) == set(range(total))  # every message at least once
+    # Every message exactly once, even in the landing zone: copies of a landed batch whose
+    # PUBACKs the killed bridge had not sent (or the broker had not read) are recognised.
+    assert landed_values(data_dir) == list(range(total))
+    assert stopped["skipped_redeliveries"] <= stopped["redelivered"]
     Processor(settings, load_contracts()).run_once()
     silver = pl.read_delta(str(data_dir / "silver" / "readings"))
     assert silver.height == total  # ... and exactly once in silver

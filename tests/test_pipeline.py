@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 
 from config.contracts import load_contracts
 from config.settings import Settings
-from delta_processing.bronze import BRONZE_APP_ID
+from delta_processing.bronze import BRONZE_APP_ID, with_lineage
 from delta_processing.column_names import delta_safe_names
 from delta_processing.processor import CycleReport, Processor, ProcessorLock, ProcessorLockedError
 from delta_processing.tables import TableStore
@@ -464,3 +464,30 @@ def test_run_once_reports_an_outage_of_any_of_its_cycles(
     assert next(cycles, None) is None  # both cycles ran
     assert report.storage_unavailable
     assert report.failures == ["readings: store down"]
+
+
+def test_lineage_is_made_per_file_for_the_whole_batch_at_once() -> None:
+    """Each record gets its own file's name, batch id, order and position in the file,
+    whatever the files' columns, empty files included."""
+    now = datetime(2026, 11, 22, 12, tzinfo=UTC)
+    files = [
+        (pl.DataFrame({"x": ["1", "2"]}), "a1.parquet", 3),
+        (pl.DataFrame(schema={"x": pl.String}), "empty.csv", 4),
+        (pl.DataFrame({"y": ["3"]}), "b2.part.ndjson", None),
+        (pl.DataFrame({"x": ["4", "5", "6"], "y": ["7", None, "8"]}), "c3.json.gz", 9),
+    ]
+    batch = with_lineage(files, "src", now)
+    assert batch.columns == [
+        "x", "y", "_source", "_landing_file", "_batch_id", "_row", "_ingested_at", "_file_order"
+    ]  # fmt: skip
+    assert batch.select(pl.exclude("_ingested_at")).rows() == [
+        ("1", None, "src", "a1.parquet", "a1", 0, 3),
+        ("2", None, "src", "a1.parquet", "a1", 1, 3),
+        (None, "3", "src", "b2.part.ndjson", "b2", 0, None),
+        ("4", "7", "src", "c3.json.gz", "c3", 0, 9),
+        ("5", None, "src", "c3.json.gz", "c3", 1, 9),
+        ("6", "8", "src", "c3.json.gz", "c3", 2, 9),
+    ]
+    assert batch.schema["_ingested_at"] == pl.Datetime("us", "UTC")
+    assert batch["_ingested_at"].unique().to_list() == [now]
+    assert with_lineage(files[1:2], "src", now).height == 0

@@ -17,18 +17,23 @@ from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriter
 
 
-def _kafka_batch(offsets: list[int], partition: int = 0) -> pl.DataFrame:
-    return pl.DataFrame(
+def _kafka_batch(
+    offsets: list[int], partition: int = 0, topic_id: str | None = None, sensor: str = "t"
+) -> pl.DataFrame:
+    frame = pl.DataFrame(
         {
             "ts": [f"2026-11-20T10:{o % 60:02d}:00Z" for o in offsets],
             "device_id": [f"p{partition}d{o}" for o in offsets],
-            "sensor": ["t"] * len(offsets),
+            "sensor": [sensor] * len(offsets),
             "value": [str(o) for o in offsets],
             "kafka_topic": ["sensors"] * len(offsets),
             "kafka_partition": [str(partition)] * len(offsets),
             "kafka_offset": [str(o) for o in offsets],
         }
     )
+    if topic_id is None:  # landed by a bridge that did not stamp topic ids
+        return frame
+    return frame.with_columns(pl.lit(topic_id).alias("kafka_topic_id"))
 
 
 def test_redelivered_kafka_messages_never_make_a_second_bronze_row(settings: Settings) -> None:
@@ -75,3 +80,32 @@ def test_dead_letters_reach_their_delta_table_once(settings: Settings) -> None:
         .fetchall()
     )
     assert rows == [("kafka", "/w=="), ("mqtt", "e2JhZA==")]
+
+
+def test_a_topic_created_again_is_kept_apart_by_its_topic_id(settings: Settings) -> None:
+    """Offsets of a topic deleted and created again start at 0: held positions of the
+    old topic must not drop them; re-deliveries of either incarnation still are."""
+    writer = LandingWriter(LandingLayout(settings.data_dir))
+    processor = Processor(settings, load_contracts())
+    writer.write_frame("readings", _kafka_batch([0, 1, 2, 3], sensor="legacy"))  # no ids yet
+    writer.write_frame("readings", _kafka_batch([4, 5, 6], topic_id="old", sensor="old"))
+    processor.run_once()
+    writer.write_frame("readings", _kafka_batch([5, 6], topic_id="old", sensor="old"))  # again
+    writer.write_frame("readings", _kafka_batch([0, 1, 2], topic_id="new", sensor="new"))
+    processor.run_once()
+    writer.write_frame("readings", _kafka_batch([1, 2, 3], topic_id="new", sensor="new"))
+    writer.write_frame("readings", _kafka_batch([2, 3], sensor="legacy"))  # a late legacy one
+    processor.run_once()
+
+    bronze = pl.read_delta(str(settings.data_dir / "bronze" / "readings"))
+    kept = sorted(bronze.select("sensor", pl.col("kafka_offset").cast(pl.Int64)).rows())
+    assert kept == (
+        [("legacy", o) for o in range(4)]
+        + [("new", o) for o in range(4)]
+        + [("old", o) for o in (4, 5, 6)]
+    )
+    table = TableStore(settings.data_dir).open("bronze", "readings")
+    assert table is not None
+    assert table.transaction_version(stream_app_id("sensors", "0")) == 3
+    assert table.transaction_version(stream_app_id("sensors", "0", "old")) == 6
+    assert table.transaction_version(stream_app_id("sensors", "0", "new")) == 3

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from delta_processing.tables import TableStore, table_columns
+from delta_processing.tables import RELOAD_AFTER_COMMITS, TableStore, table_columns
 
 
 def _commit(root: Path, values: list[int], **options: object) -> None:
@@ -104,3 +104,29 @@ def test_a_plain_store_loads_every_time(tmp_path: Path) -> None:
     store = TableStore(tmp_path)
     _commit(tmp_path, [1])
     assert store.open("silver", "t") is not store.open("silver", "t")
+
+
+def test_an_object_that_moved_through_many_commits_is_loaded_afresh(tmp_path: Path) -> None:
+    """deltalake's object slows down with every commit it moves through (each write
+    through it costs more): after RELOAD_AFTER_COMMITS the store loads the table anew."""
+    store = TableStore(tmp_path).reusing_tables()
+    _commit(tmp_path, [0])
+    first = store.open("silver", "t")
+    assert first is not None
+    for n in range(1, RELOAD_AFTER_COMMITS):
+        table = store.open("silver", "t")
+        assert table is first  # reused while it is young
+        write_deltalake(table, pa.table({"v": [n]}), mode="append")
+    worn = store.open("silver", "t")
+    assert worn is first and worn.version() == RELOAD_AFTER_COMMITS - 1
+    write_deltalake(worn, pa.table({"v": [RELOAD_AFTER_COMMITS]}), mode="append")
+    fresh = store.open("silver", "t")
+    assert fresh is not None and fresh is not first
+    assert fresh.version() == RELOAD_AFTER_COMMITS
+    assert _values(fresh) == list(range(RELOAD_AFTER_COMMITS + 1))
+    assert store.open("silver", "t") is fresh  # and then reused again
+    # A pinned object far from where it was loaded is loaded afresh at its version too.
+    pinned = store.open("silver", "t", version=0)
+    assert pinned is not None and store.open("silver", "t", version=1) is pinned
+    far = store.open("silver", "t", version=RELOAD_AFTER_COMMITS)
+    assert far is not None and far is not pinned and far.version() == RELOAD_AFTER_COMMITS

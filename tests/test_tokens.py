@@ -404,3 +404,19 @@ def test_live_api_sees_cli_changes_and_logs_every_refusal(
     text = log.read_text()
     for secret in secrets:
         assert secret not in text and hash_token(secret) not in text
+
+
+def test_every_rewrite_of_the_token_file_is_durable_rename_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power loss right after `tokens revoke` must not bring the token back: the file
+    is fsynced and so is its directory, after the rename."""
+    import api.tokens as tokens_module
+
+    synced: list[Path] = []
+    monkeypatch.setattr(tokens_module, "fsync_directory", synced.append)
+    store = TokenStore(tmp_path / "_meta" / "tokens.json")
+    store.create("ci", ["ingest:readings"])
+    store.revoke("ci")
+    assert synced == [store.path.parent, store.path.parent]
+    assert store.get("ci").revoked_at is not None

@@ -11,11 +11,10 @@ record is *acknowledged* when its writer's client was told so:
 - Kafka: a successful delivery report to the producer.
 
 :func:`reconcile` then checks, after the pipeline has drained, that every
-acknowledged record is in silver exactly once, that HTTP and Kafka records are in
-bronze exactly once (landing files once each; Kafka re-deliveries removed by
-bronze's offset de-duplication), that MQTT records are in bronze at least once
-(the platform's MQTT contract: landed at least once, silver's key de-duplication
-makes them count once) and that gold equals a full recomputation from silver.
+acknowledged record is in silver exactly once, that every record is in bronze at
+most once (landing files once each; Kafka re-deliveries removed by bronze's offset
+de-duplication; MQTT re-deliveries of landed messages recognised by the bridge's
+journal and only acknowledged) and that gold equals a full recomputation from silver.
 """
 
 from __future__ import annotations
@@ -406,10 +405,7 @@ def reconcile(
     lost = sorted(r for r in all_acked if in_silver[r] == 0)
     silver_dupes = sorted(r for r, n in in_silver.items() if n > 1)
     phantoms = sorted(set(in_silver) - attempted)
-    bronze_dupes: list[int] = []  # channels whose contract is exactly once into bronze
-    for load in loads:
-        if load.channel != "mqtt":
-            bronze_dupes += [r for r in load.attempted if in_bronze[r] > 1]
+    bronze_dupes = sorted(r for r in attempted if in_bronze[r] > 1)  # every channel
     mqtt_redelivered = sum(in_bronze[r] - 1 for r in acked.get("mqtt", set()) if in_bronze[r] > 1)
 
     gold_diffs = []
