@@ -46,7 +46,7 @@ from delta_processing.tables import (
     table_columns,
 )
 from delta_processing.transient import StorageUnavailableError, brief, outage_behind
-from landing_zone.formats import BatchDecodeError, read_batch_file
+from landing_zone.formats import BatchDecodeError, concat_records, read_batch_file
 from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
 from landing_zone.writer import batch_time, correlation_ids_of
 
@@ -526,7 +526,7 @@ def with_lineage(
     Made once for the whole batch from one row per file: a batch holds up to a thousand
     files, and expressions evaluated per file cost more than their rows.
     """
-    records = pl.concat([frame for frame, _, _ in files], how="diagonal_relaxed")
+    records = concat_records([frame for frame, _, _ in files])
     heights = pl.Series([frame.height for frame, _, _ in files], dtype=pl.Int64)
     ends = heights.cum_sum()
     names = [name for _, name, _ in files]

@@ -183,6 +183,26 @@ def raw_table(records: Sequence[RawRecord]) -> pa.Table:
     return pa.table({name: pa.array(values, pa.large_string()) for name, values in columns.items()})
 
 
+def concat_records(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    """Frames of raw records stacked in order: columns in order of first appearance,
+    absent values null (``pl.concat(how="diagonal_relaxed")``).
+
+    Protects records without a field (``{}``): a frame of them has rows but no
+    columns, and Polars' diagonal concatenation drops such a frame's rows when another
+    frame has columns, which would lose acknowledged records and shift every row after
+    them onto the wrong landing file.
+    """
+    if len(frames) == 1:
+        return frames[0]
+    if all(frame.width for frame in frames):
+        return pl.concat(frames, how="diagonal_relaxed")
+    held = [
+        frame if frame.width else frame.with_columns(pl.lit(None, pl.String).alias(_FIELDLESS))
+        for frame in frames
+    ]
+    return pl.concat(held, how="diagonal_relaxed").drop(_FIELDLESS)
+
+
 def field_names(records: Sequence[Mapping[str, object]]) -> list[str]:
     """Every field name of ``records``, in order of first appearance.
 
@@ -367,12 +387,21 @@ def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+# A column that keeps the rows of field-less frames through a concatenation (see
+# concat_records); the control character keeps it apart from any field name.
+_FIELDLESS = "\x01fieldless"
+
+
 def raw_frame(records: Sequence[Mapping[str, object]]) -> pl.DataFrame:
     """Stringify parsed records the way :func:`to_raw_strings` does typed columns (raw
     records, already strings, as they are)."""
     columns = {
         name: [_raw_value(record.get(name)) for record in records] for name in field_names(records)
     }
+    if not columns:
+        # Records without a field are still records: one row each, no columns (a frame
+        # built from no columns would have no rows, and the records would vanish).
+        return pl.DataFrame({"_": [None] * len(records)}).drop("_")
     try:
         return pl.DataFrame(columns, schema=dict.fromkeys(columns, pl.String))
     except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate; UTF-8 cannot

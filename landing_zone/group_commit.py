@@ -36,7 +36,7 @@ from typing import TypeAlias
 import polars as pl
 import pyarrow as pa
 
-from landing_zone.formats import RawRecord, raw_frame, raw_table
+from landing_zone.formats import RawRecord, concat_records, raw_frame, raw_table
 from landing_zone.writer import LandingReceipt, LandingWriter
 
 # What a request hands in: its raw frame or Arrow table, or its raw records.
@@ -190,7 +190,7 @@ class GroupCommitter:
 
 def _concatenated(entries: list[_Entry]) -> pl.DataFrame | pa.Table:
     """The group's rows in arrival order; columns in order of first appearance, absent
-    values null (as ``pl.concat(how="diagonal_relaxed")`` does)."""
+    values null (see :func:`~landing_zone.formats.concat_records`)."""
     records: list[RawRecord] = []
     for entry in entries:
         if isinstance(entry.batch, pl.DataFrame | pa.Table):
@@ -199,7 +199,7 @@ def _concatenated(entries: list[_Entry]) -> pl.DataFrame | pa.Table:
     else:
         return raw_table(records)  # the common case: only small requests
     frames = [_frame(entry.batch) for entry in entries]
-    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+    return concat_records(frames)
 
 
 def _frame(batch: Batch) -> pl.DataFrame:

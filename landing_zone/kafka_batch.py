@@ -31,7 +31,7 @@ from typing import Literal, cast
 import polars as pl
 from confluent_kafka import Message
 
-from landing_zone.formats import MalformedBatch, decode_batch, json_object_error
+from landing_zone.formats import MalformedBatch, concat_records, decode_batch, json_object_error
 from landing_zone.sampled_ndjson import MIN_BYTES as SAMPLED_MIN_BYTES
 from landing_zone.writer import DEAD_LETTER_COLUMNS
 
@@ -584,21 +584,13 @@ def _decode_each(values: list[bytes]) -> tuple[pl.DataFrame | None, dict[int, st
         except MalformedBatch as exc:
             errors[index] = str(exc).removeprefix(f"line {exc.line}: ")
             continue
-        if not frame.width:
-            # ``{}`` (or blank around it): formats frames a lone record without fields as
-            # no row, but the value passed the object check (_poison): one record.
-            frames.append(pl.DataFrame({"__empty": [None]}))
-            continue
         if frame.height != 1:
             errors[index] = "expected exactly one JSON object"
             continue
-        frames.append(frame)
+        frames.append(frame)  # ``{}`` too: one record without fields
     if not frames:
         return None, errors
-    merged = pl.concat(frames, how="diagonal")
-    if "__empty" in merged.columns:
-        merged = merged.drop("__empty")
-    return merged, errors
+    return concat_records(frames), errors
 
 
 # ------------------------------------------------------------- dead letters

@@ -306,7 +306,6 @@ def test_bad_gzip_and_empty_batches_are_400(live_api: LiveServer, tokens: Tokens
 
         empty_cases = [
             (b"[]", JSON),
-            (b"{}", JSON),
             (b"ts,device_id,sensor,value\n", CSV),
             (
                 parquet_bytes(pl.DataFrame({"device_id": []}, schema={"device_id": pl.String})),
@@ -431,6 +430,20 @@ def test_each_accepted_format_lands_exactly_one_complete_file(
     assert len(landed(live_api)) == len(accepted_cases())
     temp = landing_dir(live_api) / ".tmp"
     assert not temp.exists() or list(temp.iterdir()) == []
+
+
+def test_records_without_fields_are_accepted_and_kept(live_api: LiveServer, tokens: Tokens) -> None:
+    """``{}`` is a record (bronze keeps it, silver's contract quarantines it), as it is
+    from the Kafka bridge; only a body without any record is an empty batch."""
+    cases = [(b"{}", JSON, 1), (b"{}\n{}", NDJSON, 2), (b'[{}, {"device_id": "d"}, {}]', JSON, 3)]
+    with live_api.client(tokens.ingest_readings) as client:
+        for body, headers, count in cases:
+            response = client.post(INGEST, content=body, headers=headers)
+            assert response.status_code == 202, (body, response.text)
+            answer = response.json()
+            assert answer["records"] == count, body
+            frame = pl.read_parquet(landing_dir(live_api) / f"{answer['batch_id']}.parquet")
+            assert frame.height == count, body
 
 
 def test_landing_files_match_accepted_requests_one_to_one(

@@ -21,6 +21,7 @@ from landing_zone.formats import (
     BatchTooLarge,
     MalformedBatch,
     UnsupportedFormat,
+    concat_records,
     decode_batch,
     format_for_content_type,
     format_for_filename,
@@ -701,3 +702,31 @@ def test_long_integers_beside_floats_keep_every_digit(fmt: Any) -> None:
     body = as_json_array(records) if fmt == "json" else as_ndjson(records)
     frame = decode_batch(body, fmt)
     assert frame["id"].to_list() == ["9007199254740993", "1.5"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fmt"),
+    [
+        (b"{}", "json"),
+        (b" {} ", "ndjson"),
+        (b"[{}]", "json"),
+        (b"{}\n{}", "ndjson"),
+        (b"[{}, {}, {}]", "json"),
+    ],
+)
+def test_records_without_fields_are_records(body: bytes, fmt: Any) -> None:
+    expected = body.count(b"{}")
+    assert decode_batch(body, fmt).shape == (expected, 0)
+
+
+def test_concat_records_keeps_rows_of_frames_without_columns() -> None:
+    frames = [
+        pl.DataFrame({"b": ["1"]}),
+        decode_batch(b"{}\n{}", "ndjson"),
+        pl.DataFrame({"a": ["2"], "b": [None]}),
+    ]
+    merged = concat_records(frames)
+    assert merged.columns == ["b", "a"]
+    assert merged.rows() == [("1", None), (None, None), (None, None), (None, "2")]
+    assert concat_records(frames[1:2]).shape == (2, 0)
+    assert concat_records([frames[1], frames[1]]).shape == (4, 0)

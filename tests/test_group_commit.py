@@ -22,6 +22,7 @@ import pytest
 from config.contracts import load_contracts
 from config.settings import load_settings
 from delta_processing.processor import Processor
+from landing_zone.formats import decode_batch
 from landing_zone.group_commit import GroupCommitter
 from landing_zone.layout import LandingLayout
 from landing_zone.writer import LandingWriteError, LandingWriter, correlation_ids_of
@@ -139,6 +140,7 @@ def test_groups_concatenate_different_shapes_in_arrival_order(tmp_path: Path) ->
     committer = GroupCommitter(LandingWriter(layout), window_s=0.05, max_rows=1000)
     frames = [
         pl.DataFrame({"a": ["1"], "b": ["x"]}),
+        decode_batch(b"{}\n{}", "ndjson"),  # records without fields: rows, no columns
         pl.DataFrame({"c": ["2", "3"]}),
         pl.DataFrame({"a": ["4"], "c": ["5"]}),
     ]
@@ -153,16 +155,18 @@ def test_groups_concatenate_different_shapes_in_arrival_order(tmp_path: Path) ->
     receipts = asyncio.run(run())
     committer.close()
     assert len({r.batch_id for r in receipts}) == 1  # type: ignore[attr-defined]
-    assert [r.first_record for r in receipts] == [0, 1, 3]  # type: ignore[attr-defined]
+    assert [r.first_record for r in receipts] == [0, 1, 3, 5]  # type: ignore[attr-defined]
     path = next((tmp_path / "landing" / "readings").glob("*.parquet"))
     frame = pl.read_parquet(path)
     assert frame.to_dicts() == [
         {"a": "1", "b": "x", "c": None},
+        {"a": None, "b": None, "c": None},
+        {"a": None, "b": None, "c": None},
         {"a": None, "b": None, "c": "2"},
         {"a": None, "b": None, "c": "3"},
         {"a": "4", "b": None, "c": "5"},
     ]
-    assert correlation_ids_of(path.read_bytes(), path.name) == ["cid-0", "cid-1", "cid-2"]
+    assert correlation_ids_of(path.read_bytes(), path.name) == [f"cid-{n}" for n in range(4)]
 
 
 @pytest.mark.parametrize("max_rows", [1, 3])

@@ -491,3 +491,47 @@ def test_lineage_is_made_per_file_for_the_whole_batch_at_once() -> None:
     assert batch.schema["_ingested_at"] == pl.Datetime("us", "UTC")
     assert batch["_ingested_at"].unique().to_list() == [now]
     assert with_lineage(files[1:2], "src", now).height == 0
+
+
+def test_lineage_keeps_records_without_fields_in_their_own_files() -> None:
+    """A file of ``{}`` records has rows but no columns; Polars' diagonal concatenation
+    drops such rows, which lost them and shifted later rows onto the wrong file."""
+    now = datetime(2026, 11, 23, 1, tzinfo=UTC)
+    fieldless = decode_batch(b"{}\n{}", "ndjson")
+    assert fieldless.shape == (2, 0)
+    files = [
+        (fieldless, "a.parquet", 1),
+        (pl.DataFrame({"x": ["1"]}), "b.parquet", 2),
+        (decode_batch(b"{}", "json"), "c.parquet", 3),
+    ]
+    batch = with_lineage(files, "src", now)
+    assert batch.select("x", "_landing_file", "_row").rows() == [
+        (None, "a.parquet", 0),
+        (None, "a.parquet", 1),
+        ("1", "b.parquet", 0),
+        (None, "c.parquet", 0),
+    ]
+
+
+def test_records_without_fields_reach_bronze_and_quarantine(settings: Settings) -> None:
+    """Acknowledged ``{}`` records are kept: in bronze with their lineage, then in
+    quarantine (they miss the contract's required fields), none lost, none misfiled."""
+    writer = LandingWriter(LandingLayout(settings.data_dir))
+    names = [
+        writer.write_frame("readings", decode_batch(body, "ndjson")).path.name
+        for body in (b"{}", b"{}\n{}", _ndjson([_reading(1, 1.0), {}]), b"{}")
+    ]
+    Processor(settings, load_contracts()).run_once()
+    bronze = _table(settings, "bronze").sort("_landing_file", "_row")
+    assert bronze.select("_landing_file", "_row", "device_id").rows() == [
+        (names[0], 0, None),
+        (names[1], 0, None),
+        (names[1], 1, None),
+        (names[2], 0, "d1"),
+        (names[2], 1, None),
+        (names[3], 0, None),
+    ]
+    assert _table(settings, "silver")["device_id"].to_list() == ["d1"]
+    quarantine = _table(settings, "quarantine")
+    assert quarantine.height == 5
+    assert quarantine["_reason"].str.contains("required field is missing").all()
