@@ -16,6 +16,7 @@ POINTS = frozenset(
         "after_claim",
         "after_bronze_commit",
         "mid_archive",
+        "after_quality_commit",
         "after_quarantine_commit",
         "after_silver_commit",
         "after_gold_commit",

@@ -17,8 +17,8 @@ import structlog
 from config.contracts import ContractRegistry
 from delta_processing.gold import GOLD_APP_ID
 from delta_processing.maintenance import MaintenancePolicy, MaintenanceReport, maintain, vacuum
-from delta_processing.quality import QUALITY_LAYER, QUALITY_TABLE, quality_app_id
-from delta_processing.silver import QUARANTINE_APP_ID, SILVER_APP_ID
+from delta_processing.quality import QUALITY_LAYER, QUALITY_TABLE
+from delta_processing.silver import consumed_by_sinks
 from delta_processing.tables import LAYERS, Layer, TableStore, consumed_version
 
 log = structlog.get_logger(__name__)
@@ -45,11 +45,14 @@ def downstream_floor(
     """First version of ``layer/name`` a downstream stage has still to read, if any."""
     readers: list[int | None] = []
     if layer == "bronze" and name in contracts:
-        readers = [
-            consumed_version(store.open("silver", name), SILVER_APP_ID),
-            consumed_version(store.open("quarantine", name), QUARANTINE_APP_ID),
-            consumed_version(store.open(QUALITY_LAYER, QUALITY_TABLE), quality_app_id(name)),
-        ]
+        readers = list(
+            consumed_by_sinks(
+                store.open("silver", name),
+                store.open("quarantine", name),
+                store.open(QUALITY_LAYER, QUALITY_TABLE),
+                name,
+            ).values()
+        )
     elif layer == "silver" and name in contracts:
         readers = [
             consumed_version(store.open("gold", spec.name), GOLD_APP_ID)

@@ -22,6 +22,7 @@ from delta_processing.silver import (
     QUARANTINE_APP_ID,
     SILVER_APP_ID,
     build_batch,
+    consumed_by_sinks,
     quarantine_rows,
     replaces_predicate,
     silver_partitions,
@@ -154,11 +155,7 @@ def backfill(
     # the processor's to finish (it redoes it with its original bounds).
     quarantine = store.open("quarantine", source)
     quality = store.open(QUALITY_LAYER, QUALITY_TABLE)
-    sinks = [
-        silver.transaction_version(SILVER_APP_ID),
-        None if quarantine is None else quarantine.transaction_version(QUARANTINE_APP_ID),
-        None if quality is None else quality.transaction_version(quality_app_id(source)),
-    ]
+    sinks = list(consumed_by_sinks(silver, quarantine, quality, source).values())
     if any(v is None for v in sinks):
         raise RefreshRefused(f"silver/{source} has not consumed bronze in every sink yet")
     consumed = min(v for v in sinks if v is not None)

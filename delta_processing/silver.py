@@ -7,7 +7,9 @@ Invariants protected here:
   ``quarantine/<source>`` (raw, with ``_reason``);
 * each of those two tables records, in its own commit, the last bronze version
   it consumed, so after a crash each resumes exactly where it stopped even if
-  one committed and the other did not.
+  one committed and the other did not. A batch with nothing to quarantine makes
+  no empty quarantine commit: the quality commit, which comes first, records the
+  quarantine's position instead (see :func:`consumed_by_sinks`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,35 @@ from delta_processing.tables import (
 
 SILVER_APP_ID = "lakehouse/silver<-bronze"
 QUARANTINE_APP_ID = "lakehouse/quarantine<-bronze"
+
+
+def quarantine_skip_app_id(source: str) -> str:
+    """Application-transaction id, in the quality table, of the bronze version up to
+    which ``source``'s quarantine is complete without a commit of its own."""
+    return f"{QUARANTINE_APP_ID}/{source}"
+
+
+def consumed_by_sinks(
+    silver: DeltaTable | None,
+    quarantine: DeltaTable | None,
+    quality: DeltaTable | None,
+    source: str,
+) -> dict[str, int | None]:
+    """The last bronze version each sink of ``source`` consumed (``None``: none yet).
+
+    The quarantine's is the later of its own marker and the one quality commits carry
+    for batches that had nothing to quarantine (those commit no empty quarantine: one
+    commit fewer per batch, and one log entry fewer for every later commit to list).
+    """
+    own = consumed_version(quarantine, QUARANTINE_APP_ID)
+    skipped = consumed_version(quality, quarantine_skip_app_id(source))
+    return {
+        "quality": consumed_version(quality, quality_app_id(source)),
+        "quarantine": max((v for v in (own, skipped) if v is not None), default=None),
+        "silver": consumed_version(silver, SILVER_APP_ID),
+    }
+
+
 SILVER_LINEAGE: dict[str, pl.DataType] = {
     "_source": pl.String(),
     "_batch_id": pl.String(),
@@ -307,22 +338,26 @@ class SilverPromoter:
         # next promotion's `open` nothing to read.
         quality_table = self._store.open(QUALITY_LAYER, QUALITY_TABLE)
         quarantine = self._store.open("quarantine", source)
-        consumed = {
-            "quality": consumed_version(quality_table, quality_app_id(source)),
-            "quarantine": consumed_version(quarantine, QUARANTINE_APP_ID),
-            "silver": consumed_version(silver, SILVER_APP_ID),
-        }
+        consumed = consumed_by_sinks(silver, quarantine, quality_table, source)
         start, end = batch_bounds(consumed, bronze.version())
         if start > end:
             return None
         consumed_commits = [c for c in commits_after(bronze, start - 1) if int(c["version"]) <= end]
         changes = _bronze_inserts(bronze, start, end, appended, consumed_commits)
         batch = build_batch(changes, contract)  # raises before any commit on `fail`
-        if _next_version(consumed["quality"]) <= end:
-            quality = batch.quality(contract, _next_version(consumed["quality"]))
-            self._write_quality(quality_table, contract, end, quality)
+        fresh: pl.DataFrame | None = None  # rejects the quarantine does not hold yet
         if _next_version(consumed["quarantine"]) <= end:
             fresh = batch.since(batch.quarantined, _next_version(consumed["quarantine"]))
+        if _next_version(consumed["quality"]) <= end:
+            quality = batch.quality(contract, _next_version(consumed["quality"]))
+            # Nothing to quarantine (and the table exists for readers): the quality
+            # commit records the quarantine's position instead of an empty commit.
+            if fresh is not None and fresh.is_empty() and quarantine is not None:
+                fresh = None
+                self._write_quality(quality_table, contract, end, quality, quarantine_done=True)
+            else:
+                self._write_quality(quality_table, contract, end, quality)
+        if fresh is not None:
             self._write_quarantine(quarantine, source, fresh, end)
         upserted = 0
         correlation_ids = correlation_ids_in(consumed_commits)
@@ -341,14 +376,19 @@ class SilverPromoter:
         contract: SourceContract,
         end: int,
         quality: BatchQuality,
+        *,
+        quarantine_done: bool = False,
     ) -> None:
-        """Append the batch's quality row through ``table`` (by URI only to create it)."""
+        """Append the batch's quality row through ``table`` (by URI only to create it);
+        ``quarantine_done``: also record the quarantine complete up to ``end``."""
+        skipped = {quarantine_skip_app_id(contract.name): end} if quarantine_done else None
         append(
             table if table is not None else self._store.uri(QUALITY_LAYER, QUALITY_TABLE),
             quality_row(contract, end, quality),
-            commit_marker(quality_app_id(contract.name), end),
+            commit_marker(quality_app_id(contract.name), end, skipped),
             storage_options=self._store.options,
         )
+        self._crash.reached("after_quality_commit")
 
     def _write_quarantine(
         self,

@@ -103,6 +103,7 @@ CRASH_PLAN = [
     "after_claim:1",
     "after_bronze_commit:1",
     "mid_archive:1",
+    "after_quality_commit:1",
     "after_quarantine_commit:1",
     "after_silver_commit:1",
     "after_gold_commit:1",

@@ -18,6 +18,7 @@ from config.settings import Settings
 from delta_processing.bronze import BRONZE_APP_ID, with_lineage
 from delta_processing.column_names import delta_safe_names
 from delta_processing.processor import CycleReport, Processor, ProcessorLock, ProcessorLockedError
+from delta_processing.silver import QUARANTINE_APP_ID, consumed_by_sinks
 from delta_processing.tables import TableStore
 from landing_zone.formats import decode_batch
 from landing_zone.layout import LandingLayout
@@ -170,6 +171,47 @@ def test_contract_violations_go_to_quarantine_with_reasons(settings: Settings) -
         "value: cannot parse 'NaN' as float",
     ]
     assert _table(settings, "silver")["unit"].to_list() == ["C"]
+
+
+def test_clean_batches_make_no_quarantine_commit_and_resume_exactly(settings: Settings) -> None:
+    """A batch with nothing to quarantine records the quarantine's position in its
+    quality commit instead of an empty quarantine commit; every sink still resumes at
+    the right bronze version, and the next rejects land once."""
+    processor = Processor(settings, load_contracts())
+    store = TableStore(str(settings.data_dir))
+    bad = {"ts": "never", "device_id": "d", "sensor": "s", "value": 1}
+
+    def versions() -> tuple[int, int, int]:
+        quarantine, quality = store.open("quarantine", "readings"), store.open("_meta", "quality")
+        bronze = store.open("bronze", "readings")
+        assert quarantine is not None and quality is not None and bronze is not None
+        return bronze.version(), quarantine.version(), quality.version()
+
+    _write(settings, [_reading(1, 1.0)])
+    processor.run_once()  # the first batch creates the quarantine table, empty
+    _, quarantine_at, quality_at = versions()
+    for minute in range(2, 5):
+        _write(settings, [_reading(minute, 1.0)])
+        processor.run_once()
+    bronze_at, quarantine_now, quality_now = versions()
+    assert quarantine_now == quarantine_at  # three clean batches: no quarantine commit
+    assert quality_now == quality_at + 3
+    silver = store.open("silver", "readings")
+    quarantine = store.open("quarantine", "readings")
+    quality = store.open("_meta", "quality")
+    assert consumed_by_sinks(silver, quarantine, quality, "readings") == {
+        "quality": bronze_at,
+        "quarantine": bronze_at,
+        "silver": bronze_at,
+    }
+    assert quarantine is not None and quarantine.transaction_version(QUARANTINE_APP_ID) == 0
+
+    _write(settings, [_reading(5, 1.0), bad])
+    Processor(settings, load_contracts()).run_once()  # a new process: markers only
+    assert _table(settings, "quarantine")["ts"].to_list() == ["never"]
+    assert _table(settings, "silver").height == 5
+    assert versions()[1] == quarantine_at + 1
+    _assert_gold_matches_silver(settings)
 
 
 def test_timestamps_in_every_accepted_spelling_are_stored_as_utc(settings: Settings) -> None:
