@@ -49,6 +49,7 @@ from delta_processing.tables import (
     TableStore,
     as_pyarrow,
     checkpoint_files,
+    commit_entry,
     fsync_file,
     local_root,
     reopen,
@@ -333,7 +334,7 @@ def cleanup_log(
         return 0
     apply_policy_properties(table, policy)
     if keep_from_version is not None:
-        kept = table_filesystem(table).get_file_info(f"_delta_log/{keep_from_version:020d}.json")
+        kept = table_filesystem(table).get_file_info(commit_entry(keep_from_version))
         cutoff = time.time() - policy.log_retention.total_seconds()
         # An entry of unknown age is held too: better a longer log than a lost change feed.
         age_unknown = kept.mtime_ns is None
@@ -440,7 +441,7 @@ def committed_version(table: DeltaTable, read_version: int, run: str) -> int:
                 return int(entry["version"])
     else:
         version = read_version + 1
-        while (commit := root / "_delta_log" / f"{version:020d}.json").exists():
+        while (commit := root / commit_entry(version)).exists():
             for line in commit.read_text(encoding="utf-8").splitlines():
                 info = json.loads(line).get("commitInfo") if line.strip() else None
                 if info is not None and info.get(RUN_KEY) == run:

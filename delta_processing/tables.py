@@ -168,7 +168,7 @@ class TableStore:
         local = self.local_root
         if local is None:
             return True
-        return (local / layer / name / "_delta_log" / f"{version:020d}.json").is_file()
+        return (local / layer / name / commit_entry(version)).is_file()
 
     def list(self, layer: Layer) -> list[str]:
         """Names of the Delta tables of one layer."""
@@ -226,6 +226,11 @@ def table_filesystem(table: DeltaTable) -> pafs.FileSystem:
 def table_columns(table: DeltaTable) -> list[str]:
     """Column names of a table, in schema order."""
     return [field.name for field in table.schema().fields]
+
+
+def commit_entry(version: int) -> str:
+    """The log entry of commit ``version``, relative to its table's root."""
+    return f"_delta_log/{version:020d}.json"
 
 
 def consumed_version(table: DeltaTable | None, app_id: str) -> int | None:
@@ -326,7 +331,7 @@ def latest_local_version(root: Path) -> int | None:
     log_dir = root / "_delta_log"
 
     def committed(version: int) -> bool:
-        return (log_dir / f"{version:020d}.json").exists()
+        return (root / commit_entry(version)).exists()
 
     pointer = _checkpoint_pointer(log_dir)
     known = int(pointer["version"]) if pointer is not None else None
@@ -402,7 +407,7 @@ def sync_commit(table: str | DeltaTable, version: int) -> None:
     if root is None:
         return
     log_dir = root / "_delta_log"
-    entry = log_dir / f"{version:020d}.json"
+    entry = root / commit_entry(version)
     directories = {log_dir, root}
     for line in entry.read_text(encoding="utf-8").splitlines():
         added = json.loads(line).get("add") if line.strip() else None

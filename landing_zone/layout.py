@@ -72,6 +72,19 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def make_durable_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each new entry durable (its parent
+    fsynced), so that files written in it stay reachable after a crash."""
+    missing = []
+    path = directory
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_directory(new.parent)
+
+
 # Listings retried when a directory vanishes under them (bronze archiving a claim).
 _LISTING_ATTEMPTS = 5
 

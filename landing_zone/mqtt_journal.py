@@ -57,7 +57,7 @@ from pathlib import Path
 
 import structlog
 
-from landing_zone.layout import fsync_directory
+from landing_zone.layout import fsync_directory, make_durable_dirs
 from landing_zone.mqtt_batch import Received
 from landing_zone.writer import LandingWriteError
 
@@ -202,18 +202,6 @@ def _read(data: bytes) -> tuple[list[tuple[int, list[_File], bytes]], int]:
         records.append((receive_maximum, files, data[pos:end]))
         pos = end
     return records, pos
-
-
-def _make_dirs(directory: Path) -> None:
-    """Create ``directory`` and its missing parents, each new entry durable."""
-    missing = []
-    path = directory
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for new in reversed(missing):
-        new.mkdir(exist_ok=True)
-        fsync_directory(new.parent)
 
 
 class RedeliveryJournal:
@@ -471,7 +459,7 @@ class RedeliveryJournal:
         """Replace the file atomically with the live records (temp, fsync, rename, fsync dir)."""
         self._rewrite_due = True
         directory = self.path.parent
-        _make_dirs(directory)
+        make_durable_dirs(directory)
         temp = directory / f".{self.path.name}.tmp"
         try:
             with open(temp, "wb") as handle:

@@ -25,7 +25,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory
+from landing_zone.layout import DEAD_LETTERS, LandingLayout, fsync_directory, make_durable_dirs
 
 # A dead letter: where it came from, what it was (base64), why it is not a record.
 DEAD_LETTER_COLUMNS = ("origin", "topic", "payload_base64", "error", "received_at")
@@ -233,11 +233,5 @@ class LandingWriter:
         if final_dir in self._ready_dirs:
             return
         with self._lock:
-            created_root = not final_dir.parent.exists()
-            temp_dir.mkdir(parents=True, exist_ok=True)
-            # The new directory entries must survive a crash too, or the file is unreachable.
-            fsync_directory(final_dir)
-            fsync_directory(final_dir.parent)
-            if created_root:  # landing/ itself is new: its entry in the data dir too
-                fsync_directory(final_dir.parent.parent)
+            make_durable_dirs(temp_dir)  # inside final_dir: both made durable
             self._ready_dirs.add(final_dir)
