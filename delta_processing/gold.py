@@ -12,6 +12,7 @@ Latest-value tables upsert the newest changed row per group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import duckdb
@@ -30,10 +31,12 @@ from config.contracts import (
 from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.retention import RETENTION_MARK
+from delta_processing.silver import SilverInserts
 from delta_processing.tables import (
     REFRESH_MARK,
     TableStore,
     append,
+    as_inserts,
     commit_marker,
     commits_after,
     consumed_version,
@@ -297,8 +300,16 @@ class GoldRefresher:
         self._store = store
         self._crash = crash_points
 
-    def refresh(self, contract: SourceContract) -> list[GoldResult]:
-        """Refresh every gold table declared by ``contract``; skip those already current."""
+    def refresh(
+        self, contract: SourceContract, inserted: Sequence[SilverInserts] = ()
+    ) -> list[GoldResult]:
+        """Refresh every gold table declared by ``contract``; skip those already current.
+
+        ``inserted``: silver commits whose appended rows the caller still holds; when
+        they are every silver version a gold table has to consume, gold takes them
+        instead of reading the change feed (on a backlog that read cost as much as the
+        gold work itself).
+        """
         silver = self._store.open("silver", contract.name)
         if silver is None:
             return []
@@ -328,7 +339,10 @@ class GoldRefresher:
             if done not in changes_since:
                 expired = marks.get(RETENTION_MARK, set())
                 columns = gold_inputs(contract)
-                changes_since[done] = _silver_changes(silver, done, expired, columns)
+                held = _held_changes(silver, inserted, done, columns)
+                changes_since[done] = (
+                    held if held is not None else _silver_changes(silver, done, expired, columns)
+                )
             changes = changes_since[done]
             if isinstance(spec, SqlGold):
                 result = self._refresh_sql(contract, spec, silver, changes, correlation_ids)
@@ -566,11 +580,35 @@ def _stored_windows(gold: DeltaTable, windows: pl.DataFrame, schema: pl.Schema) 
     )
 
 
+def narrowed(inserted: SilverInserts, contract: SourceContract) -> SilverInserts:
+    """``inserted`` with only the columns gold reads (what is worth holding for it)."""
+    columns = [c for c in gold_inputs(contract) if c in inserted.rows.columns]
+    return SilverInserts(inserted.version, inserted.rows.select(columns))
+
+
+def _held_changes(
+    silver: DeltaTable, inserted: Sequence[SilverInserts], done: int | None, columns: list[str]
+) -> pl.DataFrame | None:
+    """What :func:`_silver_changes` would read after version ``done``, made from rows
+    held in memory: only if every one of those versions is a held append (any other
+    commit, a merge, a rebuild, a retention delete, leaves ``None``: read the feed)."""
+    if done is None or not inserted:
+        return None
+    held = {entry.version: entry.rows for entry in inserted}
+    wanted = range(done + 1, silver.version() + 1)
+    if not wanted or any(version not in held for version in wanted):
+        return None
+    shape = [*dict.fromkeys(columns), "_change_type", "_commit_version"]
+    return pl.concat(
+        as_inserts(held[version], silver, version, 0).select(shape) for version in wanted
+    )
+
+
 def _silver_changes(
     silver: DeltaTable, done: int | None, expired: set[int], columns: list[str]
 ) -> pl.DataFrame:
     """``columns`` of the silver rows changed since version ``done`` (all of silver when
-    never consumed), with the change feed's columns.
+    never consumed), with the change feed's ``_change_type`` and ``_commit_version``.
 
     Deletes made by retention (versions ``expired``) are skipped: gold keeps what
     silver lets age out.
@@ -578,8 +616,10 @@ def _silver_changes(
     if done is None:
         snapshot = read_snapshot(silver).select(columns).collect()
         return snapshot.with_columns(pl.lit("insert").alias("_change_type"))
-    changes = read_changes(silver, done + 1, silver.version(), columns).filter(
-        pl.col("_change_type").is_in(CHANGED_ROWS)
+    changes = (
+        read_changes(silver, done + 1, silver.version(), columns)
+        .filter(pl.col("_change_type").is_in(CHANGED_ROWS))
+        .drop("_commit_timestamp")
     )
     if expired:
         changes = changes.filter(~pl.col("_commit_version").is_in(sorted(expired)))

@@ -28,13 +28,13 @@ from config.settings import Settings
 from delta_processing.bronze import BronzeBatchResult, BronzeIngestor, BronzeLimits
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.expectations import check_contracts
-from delta_processing.gold import GoldRefresher, GoldResult
+from delta_processing.gold import GoldRefresher, GoldResult, narrowed
 from delta_processing.housekeeping import maintain_all
 from delta_processing.lookahead import BronzeLookahead, Ingested
 from delta_processing.maintenance import policy_for
 from delta_processing.metrics import PipelineMetrics
 from delta_processing.retention import RetentionPolicy, apply_retention
-from delta_processing.silver import SilverPromoter, SilverResult
+from delta_processing.silver import SilverInserts, SilverPromoter, SilverResult
 from delta_processing.tables import TableStore
 from delta_processing.transient import brief, is_storage_unavailable
 from landing_zone.layout import LandingLayout
@@ -44,6 +44,10 @@ log = structlog.get_logger(__name__)
 
 
 T = TypeVar("T")
+
+# Silver rows (gold's columns only) held for gold between two refreshes, per source: a
+# backlog's catch-up (``gold_catch_up_ms``) gathers about a second of micro-batches.
+MAX_HELD_ROWS = 2_000_000
 
 
 class ProcessorLockedError(RuntimeError):
@@ -154,6 +158,9 @@ class Processor:
         self._gold_refreshed_at: dict[str, float] = {}  # monotonic, per source
         # Landing times of the files each micro-batch carried that gold has yet to take in.
         self._awaiting_gold: dict[str, list[tuple[datetime, ...]]] = {}
+        # Silver's appended rows since gold's last refresh, per source, for gold to take
+        # from memory; None once a promotion merged (gold reads the change feed then).
+        self._silver_inserts: dict[str, list[SilverInserts] | None] = {}
         self._operations_lock = threading.Lock()
         self._accepting = False  # operations are taken only while run_forever runs
 
@@ -234,9 +241,11 @@ class Processor:
         contract = self._contracts.get(source)
         if contract is not None:
             started = time.perf_counter()
-            promoted = self._silver.promote(contract, ingested.appended)
+            promotion = self._silver.promote(contract, ingested.appended)
             del ingested  # its rows: the batch ahead is in memory meanwhile
-            if promoted is not None:
+            if promotion is not None:
+                self._hold_for_gold(contract, promotion.inserted)
+                promoted = promotion.result
                 report.silver.append(promoted)
                 seconds = time.perf_counter() - started
                 _observe_stage(metrics, "silver", source, seconds, promoted.upserted)
@@ -251,6 +260,18 @@ class Processor:
             if not self._gold_deferred(source, batch):
                 self._refresh_gold(contract, report)
         return batch is not None
+
+    def _hold_for_gold(self, contract: SourceContract, inserted: SilverInserts | None) -> None:
+        """Keep silver's appended rows (gold's columns) until gold takes them in, within
+        ``MAX_HELD_ROWS``; a merge or too many rows: gold reads the change feed."""
+        held = self._silver_inserts.get(contract.name, [])
+        if held is None:
+            return
+        if inserted is None or sum(e.rows.height for e in held) >= MAX_HELD_ROWS:
+            self._silver_inserts[contract.name] = None
+            return
+        held.append(narrowed(inserted, contract))
+        self._silver_inserts[contract.name] = held
 
     def _gold_deferred(self, source: str, batch: BronzeBatchResult | None) -> bool:
         """Whether to leave gold for a later step: files wait and gold was refreshed lately.
@@ -267,7 +288,8 @@ class Processor:
         metrics = self.metrics
         source = contract.name
         started = time.perf_counter()
-        refreshed = self._gold.refresh(contract)
+        held = self._silver_inserts.pop(source, None) or []
+        refreshed = self._gold.refresh(contract, held)
         self._gold_refreshed_at[source] = time.monotonic()
         report.gold.extend(refreshed)
         if refreshed:

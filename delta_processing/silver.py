@@ -109,6 +109,26 @@ class SilverResult:
     quarantined: int
 
 
+@dataclass(frozen=True)
+class SilverInserts:
+    """The rows one silver commit appended (a batch of new keys only), still in memory.
+
+    Gold takes them instead of reading that commit back through the change feed (see
+    ``GoldRefresher.refresh``), as silver takes bronze's rows (:class:`AppendedRows`).
+    """
+
+    version: int  # the silver commit that appended ``rows``
+    rows: pl.DataFrame
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A silver promotion: its figures, and its rows when it only appended new keys."""
+
+    result: SilverResult
+    inserted: SilverInserts | None
+
+
 def silver_schema(contract: SourceContract) -> pl.Schema:
     """Columns of ``silver/<source>``: the contract's typed fields, then lineage."""
     rescued = {RESCUED_COLUMN: pl.String()} if contract.evolution == "rescue" else {}
@@ -304,7 +324,7 @@ class SilverPromoter:
 
     def promote(
         self, contract: SourceContract, appended: AppendedRows | None = None
-    ) -> SilverResult | None:
+    ) -> Promotion | None:
         """Consume the bronze versions not yet in silver, quarantine and quality.
 
         ``appended``: the rows of a bronze commit the caller still holds (see
@@ -360,15 +380,16 @@ class SilverPromoter:
         if fresh is not None:
             self._write_quarantine(quarantine, source, fresh, end)
         upserted = 0
+        inserted = None
         correlation_ids = correlation_ids_in(consumed_commits)
         if _next_version(consumed["silver"]) <= end:
             rows = batch.silver_rows(schema, _next_version(consumed["silver"]))
             upserted = rows.height
-            self._merge_silver(silver, rows, contract, end, correlation_ids)
+            inserted = self._merge_silver(silver, rows, contract, end, correlation_ids)
         to_quarantine = batch.quarantined
         result = SilverResult(source, end, changes.height, upserted, to_quarantine.height)
         log.info("silver.promoted", **result.__dict__, correlation_ids=correlation_ids)
-        return result
+        return Promotion(result, inserted)
 
     def _write_quality(
         self,
@@ -414,7 +435,8 @@ class SilverPromoter:
         contract: SourceContract,
         bronze_version: int,
         correlation_ids: list[str],
-    ) -> None:
+    ) -> SilverInserts | None:
+        """Upsert ``rows`` into silver; the rows it appended if no key was stored yet."""
         marker = commit_marker(
             SILVER_APP_ID, bronze_version, **correlation_metadata(correlation_ids)
         )
@@ -422,8 +444,10 @@ class SilverPromoter:
         if evolve:  # columns added by earlier batches but absent from this one
             missing = [c for c in table_columns(silver) if c not in rows.columns]
             rows = rows.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in missing)
+        inserted = None
         if rows.is_empty() or not stores_any_key(silver, rows, contract):
             append(silver, rows, marker, evolve_schema=evolve)
+            inserted = SilverInserts(silver.version(), rows)  # the object is at its commit
         else:
             merge(
                 silver,
@@ -437,6 +461,7 @@ class SilverPromoter:
                 prune=partition_prune(contract, rows),
             )
         self._crash.reached("after_silver_commit")
+        return inserted
 
 
 def batch_bounds(consumed: dict[str, int | None], bronze_version: int) -> tuple[int, int]:

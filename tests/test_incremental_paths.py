@@ -22,6 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
+import delta_processing.gold as gold_module
 from config.contracts import load_contracts
 from config.settings import Settings, load_settings
 from delta_processing.bronze import BronzeIngestor, BronzeLimits
@@ -35,7 +36,7 @@ from delta_processing.coercions import (
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.gold import gold_frame, latest_schema, latest_values
 from delta_processing.processor import Processor
-from delta_processing.silver import SilverPromoter, with_arrival
+from delta_processing.silver import SilverInserts, SilverPromoter, with_arrival
 from delta_processing.tables import TableStore, as_inserts, read_changes
 from landing_zone.layout import LandingLayout
 from tests.helpers import count_change_feed_reads, land_records
@@ -464,6 +465,74 @@ def test_silver_from_appended_rows_equals_silver_from_the_change_feed(
         assert_frame_equal(frame, results["change feed"][name])
 
 
+def test_gold_from_held_silver_rows_equals_gold_from_the_change_feed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gold takes silver's appended rows from memory when they are every version it has
+    to consume (a backlog's catch-up takes several at once): the same gold as from the
+    change feed, each held change set equal to what the feed reads; after a merge, or
+    for versions it does not hold, gold reads the feed."""
+    first = [[_reading(m, float(m), f"d{m % 3}") for m in range(k, k + 5)] for k in (0, 5, 10)]
+    merge = [[_reading(2, 99.0, "d2"), _reading(40, 4.0)]]  # updates a stored key
+    after = [[_reading(50, 5.0)], [_reading(51, 6.0, "d9")]]
+    real_held = gold_module._held_changes
+    real_read = gold_module.read_changes
+    compared: list[int] = []
+    feed_reads: list[int] = []
+
+    def counted(table: DeltaTable, start: int, end: int, columns=None):  # type: ignore[no-untyped-def]
+        feed_reads.append(end)
+        return real_read(table, start, end, columns)
+
+    monkeypatch.setattr(gold_module, "read_changes", counted)
+
+    def checked_held(silver: DeltaTable, inserted, done, columns):  # type: ignore[no-untyped-def]
+        held = real_held(silver, inserted, done, columns)
+        if held is not None:
+            feed = gold_module._silver_changes(silver, done, set(), columns)
+            order = [*columns, "_commit_version"]
+            assert_frame_equal(held.sort(order), feed.sort(order))
+            compared.append(held.height)
+        return held
+
+    results: dict[str, dict[str, pl.DataFrame]] = {}
+    for mode in ("held", "change feed"):
+        data_dir = tmp_path / mode.replace(" ", "_")
+        settings = load_settings(
+            data_dir=data_dir, trigger_latency_ms=0, file_settle_ms=0, batch_max_files=1,
+            gold_catch_up_ms=60_000,
+        )  # fmt: skip
+        monkeypatch.setattr(
+            gold_module, "_held_changes", checked_held if mode == "held" else lambda *a: None
+        )
+        feed_reads.clear()
+        processor = Processor(settings, load_contracts())
+        for rows in first:  # a backlog: three micro-batches, gold catches up once
+            land_records(data_dir, "readings", rows)
+        processor.run_once()
+        for group in (merge, after):
+            for rows in group:
+                land_records(data_dir, "readings", rows)
+            processor.run_once()
+        if mode == "held":
+            # The first refresh creates gold (no feed), the backlog's next two micro-batches
+            # are held (one catch-up), the merge's is read, the two appends after it held.
+            assert compared == [10, 2]
+            assert len(feed_reads) - len(compared) == 1  # less the check's own reads
+            # Rows of a later version alone do not stand for the versions before it.
+            silver = DeltaTable(str(data_dir / "silver" / "readings"))
+            latest = SilverInserts(silver.version(), pl.DataFrame({"value": [6.0]}))
+            assert real_held(silver, [latest], silver.version() - 1, ["value"]) is not None
+            assert real_held(silver, [latest], silver.version() - 2, ["value"]) is None
+        results[mode] = {
+            name: pl.read_delta(str(data_dir / "gold" / name)).sort(pl.all())
+            for name in ("readings_hourly", "readings_daily", "readings_latest")
+        }
+    for name, frame in results["held"].items():
+        assert frame.height, name
+        assert_frame_equal(frame, results["change feed"][name])
+
+
 def test_a_silver_that_lags_reads_every_version_it_missed(data_dir: Path) -> None:
     """Handed the rows of bronze's latest commit while an earlier one is unconsumed
     too, silver reads both from the change feed instead of taking only the last."""
@@ -481,7 +550,7 @@ def test_a_silver_that_lags_reads_every_version_it_missed(data_dir: Path) -> Non
     appended = ingestor.take_appended("readings")
     assert appended is not None and appended.rows.height == 1
     promoted = SilverPromoter(TableStore(data_dir), CrashPoints(None)).promote(contract, appended)
-    assert promoted is not None and promoted.rows_in == 2
+    assert promoted is not None and promoted.result.rows_in == 2
     silver = pl.read_delta(str(data_dir / "silver" / "readings"))
     assert sorted(silver["value"].to_list()) == [1.0, 2.0]
 
