@@ -91,7 +91,6 @@ INGEST_CORPUS: dict[str, Bad] = {
     "whitespace_only": Bad(b"  \n\t \r\n", NDJSON, 400, "malformed_body", "empty body"),
     "bom_only": Bad(b"\xef\xbb\xbf", NDJSON, 400, "malformed_body", "empty body"),
     "empty_array": Bad(b"[]", JSON, 400, "empty_batch", "no records"),
-    "empty_object": Bad(b"{}", JSON, 400, "empty_batch", "no records"),
     # CSV
     "csv_ragged_row": Bad(b"a,b\n1,2\n3\n", CSV, 400, "malformed_body",
                           "expected 2 fields as in the header, found 1", where={"line": 3}),
