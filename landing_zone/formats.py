@@ -271,6 +271,8 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame | pa.Table
         if not _floats_exact(frame):
             # An integer past 2**53 sharing a column with floats would lose digits.
             raise ValueError("long integers in a float column")
+        if not _nested_kept(data, frame, ndjson=ndjson):
+            raise ValueError("type unification rewrote nested values")
         return to_raw_strings(frame)
     except Exception:
         # Polars rejects malformed input without a position, and cannot type some valid
@@ -278,6 +280,46 @@ def _decode_json_family(data: bytes, *, ndjson: bool) -> pl.DataFrame | pa.Table
         # the fault or yields records that we stringify ourselves.
         records = _ndjson_records(data) if ndjson else _json_records(data)
     return raw_frame(records)
+
+
+def _nested_kept(data: bytes, frame: pl.DataFrame, *, ndjson: bool) -> bool:
+    """Whether Polars' type unification left the meaning of every nested value alone.
+
+    Inferring one type per column, Polars turns the numbers, booleans and containers of
+    an array that also holds strings into strings (``[1, "a"]`` -> ``["1", "a"]``) and
+    gives every object of a column the keys of all of them (missing ones null). Either
+    adds quotes to the value's JSON text, and nothing else in unification does: so an
+    NDJSON column is kept if its values, read again as JSON text (what Polars makes of a
+    nested value read as a string), hold as many quotes as the unified ones. ``read_json``
+    cannot read a nested value as text: there only shapes unification cannot touch
+    pass (arrays of numbers or booleans, arrays of those).
+    """
+    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    if not nested:
+        return True
+    if not ndjson:
+        return all(_unification_proof(frame.schema[name]) for name in nested)
+    schema = {name: pl.String() if name in nested else dt for name, dt in frame.schema.items()}
+    try:
+        texts = pl.read_ndjson(io.BytesIO(data), schema=schema).select(nested)
+    except Exception:  # cannot tell: the exact path decides
+        return False
+    unified = to_raw_strings(frame.select(nested))
+    quotes = [
+        texts[name]
+        .str.count_matches('"', literal=True)
+        .ne_missing(unified[name].str.count_matches('"', literal=True))
+        for name in nested
+    ]
+    return not pl.select(pl.any_horizontal(quotes).any()).item()
+
+
+def _unification_proof(dtype: pl.DataType) -> bool:
+    """Arrays (of arrays) of numbers or booleans: no unification rewrites their values."""
+    while isinstance(dtype, pl.List | pl.Array):
+        inner = dtype.inner
+        dtype = inner() if isinstance(inner, type) else inner
+    return dtype.is_numeric() or dtype == pl.Boolean
 
 
 def _floats_exact(frame: pl.DataFrame) -> bool:
