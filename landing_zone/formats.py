@@ -317,18 +317,42 @@ def _nested_kept(data: bytes, frame: pl.DataFrame, *, ndjson: bool) -> bool:
 def _unification_proof(dtype: pl.DataType) -> bool:
     """Arrays (of arrays) of numbers or booleans: no unification rewrites their values."""
     while isinstance(dtype, pl.List | pl.Array):
-        inner = dtype.inner
-        dtype = inner() if isinstance(inner, type) else inner
+        dtype = _instance(dtype.inner)
     return dtype.is_numeric() or dtype == pl.Boolean
 
 
+def _instance(dtype: pl.DataType | DataTypeClass) -> pl.DataType:
+    """A data type as an instance (Polars hands inner types over as classes at times)."""
+    return dtype() if isinstance(dtype, type) else dtype
+
+
 def _floats_exact(frame: pl.DataFrame) -> bool:
-    """No float column holds a magnitude where an integer could have lost digits (2**53)."""
-    floats = [name for name, dtype in frame.schema.items() if dtype == pl.Float64]
-    if not floats:
+    """No float, also inside arrays and objects, holds a magnitude where an integer
+    could have lost digits (2**53)."""
+    checks = [
+        check for name, dtype in frame.schema.items() for check in _too_big(pl.col(name), dtype)
+    ]
+    if not checks:
         return True
-    too_big = pl.any_horizontal([pl.col(name).abs() >= 2**53 for name in floats]).any()
-    return not frame.select(too_big).item()
+    return not frame.select(pl.any_horizontal(checks).any()).item()
+
+
+def _too_big(value: pl.Expr, dtype: pl.DataType) -> list[pl.Expr]:
+    """Per row, whether a float of ``value`` (of type ``dtype``) is at or past 2**53."""
+    if dtype == pl.Float64:
+        return [value.abs() >= 2**53]
+    if isinstance(dtype, pl.List):
+        checks = _too_big(pl.element(), _instance(dtype.inner))
+        if not checks:
+            return []
+        return [value.list.eval(pl.any_horizontal(checks)).list.any()]
+    if isinstance(dtype, pl.Struct):
+        return [
+            check
+            for field in dtype.fields
+            for check in _too_big(value.struct.field(field.name), _instance(field.dtype))
+        ]
+    return []
 
 
 def _booleans_kept(data: bytes, frame: pl.DataFrame) -> bool:

@@ -717,6 +717,24 @@ def test_long_integers_beside_floats_keep_every_digit(fmt: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    "records",
+    [
+        [{"m": [9007199254740993, 1.5]}],
+        [{"m": {"a": 9007199254740993}}, {"m": {"a": 0.5}}],
+        [{"m": [[9007199254740993], [0.5]]}],
+        [{"m": [{"a": [-9007199254740993]}, {"a": [0.5]}]}],
+    ],
+)
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+def test_long_integers_beside_floats_inside_arrays_and_objects_keep_every_digit(
+    fmt: Any, records: list[dict[str, Any]]
+) -> None:
+    body = as_json_array(records) if fmt == "json" else as_ndjson(records)
+    frame = decode_batch(body, fmt)
+    assert [json.loads(v) for v in frame["m"].to_list()] == [r["m"] for r in records]
+
+
+@pytest.mark.parametrize(
     ("body", "fmt"),
     [
         (b"{}", "json"),
