@@ -397,11 +397,12 @@ def quality(
     out.print(table)
 
 
-def _holding_processor_lock(settings: Settings) -> ProcessorLock:
-    """The processor lock, so a rebuild never races the pipeline's own commits."""
+def _holding_processor_lock(settings: Settings, operation: str) -> ProcessorLock:
+    """The processor lock, so a rebuild never races the pipeline's own commits (a
+    processor started meanwhile waits for ``operation`` to end)."""
     from delta_processing.processor import ProcessorLock, ProcessorLockedError
 
-    lock = ProcessorLock(settings.data_dir)
+    lock = ProcessorLock(settings.data_dir, role=f"operation {operation}")
     try:
         lock.acquire()
     except ProcessorLockedError as exc:
@@ -436,7 +437,7 @@ def refresh(
         contract, target = owner, name
     else:
         fail(f"cannot refresh {table!r}: use silver/<source> or gold/<table>")
-    lock = _holding_processor_lock(settings)
+    lock = _holding_processor_lock(settings, "refresh")
     try:
         with _spinner(f"rebuilding {table}"):
             result = rebuild(TableStore.from_settings(settings), contract, target)
@@ -466,7 +467,7 @@ def backfill(
     start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     if end <= start:
         fail("--to must be after --from")
-    lock = _holding_processor_lock(settings)
+    lock = _holding_processor_lock(settings, "backfill")
     try:
         with _spinner(f"backfilling {source}"):
             result = reprocess(TableStore.from_settings(settings), contracts[source], start, end)
@@ -503,7 +504,7 @@ def optimize(
     settings, contracts = load()
     store = TableStore.from_settings(settings)
     policy = policy_for(settings)
-    lock = _holding_processor_lock(settings)
+    lock = _holding_processor_lock(settings, "optimize")
     try:
         with _spinner("optimizing"):
             if table is None:
@@ -540,7 +541,7 @@ def vacuum(
     settings, contracts = load()
     store = TableStore.from_settings(settings)
     targets = list(all_tables(store)) if table is None else [_parse_table(table)]
-    lock = _holding_processor_lock(settings)
+    lock = _holding_processor_lock(settings, "vacuum")
     try:
         with _spinner("vacuuming"):
             results = vacuum_tables(store, contracts, policy_for(settings), targets,
@@ -561,7 +562,7 @@ def retention_apply() -> None:
     from delta_processing.tables import TableStore
 
     settings, contracts = load()
-    lock = _holding_processor_lock(settings)
+    lock = _holding_processor_lock(settings, "retention")
     try:
         with _spinner("expiring old rows"):
             results = apply_retention(
@@ -590,7 +591,9 @@ def replay_quarantine_command(
     settings, contracts = load()
     if source not in contracts:
         fail(f"unknown source {source!r}")
-    lock = _holding_processor_lock(settings)  # its delete must not race quarantine appends
+    lock = _holding_processor_lock(
+        settings, "replay"
+    )  # its delete must not race quarantine appends
     try:
         result = replay_quarantine(
             settings.data_dir, source, dry_run=dry_run, store=TableStore.from_settings(settings)

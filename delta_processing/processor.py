@@ -48,6 +48,8 @@ T = TypeVar("T")
 # Silver rows (gold's columns only) held for gold between two refreshes, per source: a
 # backlog's catch-up (``gold_catch_up_ms``) gathers about a second of micro-batches.
 MAX_HELD_ROWS = 2_000_000
+# How often a processor looks again at a lock an operation holds.
+LOCK_POLL_S = 0.2
 
 
 class ProcessorLockedError(RuntimeError):
@@ -90,26 +92,56 @@ def _observe_stage(
 
 
 class ProcessorLock:
-    """Exclusive ``flock`` on ``<data_dir>/_meta/processor.lock``; released when we die."""
+    """Exclusive ``flock`` on ``<data_dir>/_meta/processor.lock``; released when we die.
 
-    def __init__(self, data_dir: Path) -> None:
+    Held by the processor, or by an operation that must not race its commits (a
+    rebuild, a compaction run from the CLI). The holder writes its pid and ``role``
+    into the file: a processor that finds an operation holding the lock waits for it
+    (a maintenance job run from cron must not stop the pipeline from starting), while
+    a second processor is refused at once.
+    """
+
+    def __init__(self, data_dir: Path, role: str = "processor") -> None:
         self._path = data_dir / "_meta" / "processor.lock"
+        self._role = role
         self._handle: IO[str] | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, *, wait_for_operations: bool = False) -> None:
+        """Take the lock; raises :class:`ProcessorLockedError` if it is held (with
+        ``wait_for_operations``: held by a processor, else waited for)."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self._path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ProcessorLockedError(
-                f"another processor holds {self._path}; only one may run per data directory"
-            ) from None
+        waiting_for = None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self.holder()
+            # Polled rather than blocked on: whoever takes the lock next (another
+            # processor, say) is judged again.
+            if not wait_for_operations or holder is None or holder == "processor":
+                handle.close()
+                who = "another processor" if holder in (None, "processor") else f"an {holder}"
+                raise ProcessorLockedError(
+                    f"{who} holds {self._path}; only one may run per data directory"
+                ) from None
+            if holder != waiting_for:
+                log.warning("processor.waiting_for_operation", operation=holder)
+                waiting_for = holder
+            time.sleep(LOCK_POLL_S)
         handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
+        handle.write(f"{os.getpid()} {self._role}\n")
         handle.flush()
         self._handle = handle
+
+    def holder(self) -> str | None:
+        """The role the lock's current (or last) holder wrote, if readable."""
+        try:
+            words = self._path.read_text(encoding="utf-8").split(maxsplit=1)
+        except OSError:
+            return None
+        return words[1].strip() if len(words) == 2 else None
 
     def release(self) -> None:
         if self._handle is not None:
@@ -396,7 +428,7 @@ class Processor:
 
         Hand-dropped files still settling are waited for, so none is left behind.
         """
-        self._lock.acquire()
+        self._lock.acquire(wait_for_operations=True)
         try:
             report = CycleReport()
             settle_s = self._settings.file_settle_ms / 1000
@@ -414,7 +446,7 @@ class Processor:
 
     def run_forever(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set: on landing events, and every re-scan interval."""
-        self._lock.acquire()
+        self._lock.acquire(wait_for_operations=True)
         watcher = LandingWatcher(self._layout.landing_root, self.wake)
         watcher.start()
         with self._operations_lock:

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -264,6 +265,30 @@ def test_second_processor_on_the_same_data_dir_is_refused(settings: Settings) ->
             Processor(settings, load_contracts()).run_once()
     finally:
         lock.release()
+
+
+def test_a_processor_waits_for_an_operation_holding_the_lock(settings: Settings) -> None:
+    """A maintenance operation (`lakehouse optimize` from cron, say) holds the lock: a
+    processor started meanwhile waits for it instead of exiting, then runs."""
+    _write(settings, [_reading(1, 1.0)])
+    operation = ProcessorLock(settings.data_dir, role="operation optimize")
+    operation.acquire()
+    outcome: list[object] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(Processor(settings, load_contracts()).run_once())
+    )
+    try:
+        runner.start()
+        runner.join(timeout=1.0)
+        assert runner.is_alive() and outcome == []  # waiting, not refused
+        assert ProcessorLock(settings.data_dir).holder() == "operation optimize"
+    finally:
+        operation.release()
+    runner.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], CycleReport)
+    assert outcome[0].did_work
+    assert _table(settings, "silver").height == 1
+    assert ProcessorLock(settings.data_dir).holder() == "processor"  # it held the lock
 
 
 def test_sources_without_a_contract_still_land_in_bronze(settings: Settings) -> None:
