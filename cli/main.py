@@ -406,7 +406,9 @@ def _holding_processor_lock(settings: Settings, operation: str) -> ProcessorLock
     try:
         lock.acquire()
     except ProcessorLockedError as exc:
-        fail(f"{exc} (stop `lakehouse up`/`process` first)", code=1)
+        busy = str(exc).startswith("another processor")
+        hint = "stop `lakehouse up`/`process` first" if busy else "retry when it has finished"
+        fail(f"{exc} ({hint})", code=1)
     return lock
 
 

@@ -53,9 +53,10 @@ class RetentionBelowMinimum(OperationRefused):
 
 
 @contextmanager
-def processor_lock(data_dir: Path) -> Iterator[None]:
-    """Hold the processor lock of ``data_dir``; :class:`OperationConflict` if it is taken."""
-    lock = ProcessorLock(data_dir)
+def processor_lock(data_dir: Path, operation: str) -> Iterator[None]:
+    """Hold the processor lock of ``data_dir`` for ``operation`` (a processor started
+    meanwhile waits for it); :class:`OperationConflict` if it is taken."""
+    lock = ProcessorLock(data_dir, role=f"operation {operation}")
     try:
         lock.acquire()
     except ProcessorLockedError as exc:
@@ -70,7 +71,7 @@ def processor_lock(data_dir: Path) -> Iterator[None]:
 
 def locked(data_dir: Path, work: Callable[[], T]) -> T:
     """Run ``work`` while holding the processor lock of ``data_dir``."""
-    with processor_lock(data_dir):
+    with processor_lock(data_dir, "of the admin API"):
         return work()
 
 

@@ -50,6 +50,7 @@ T = TypeVar("T")
 MAX_HELD_ROWS = 2_000_000
 # How often a processor looks again at a lock an operation holds.
 LOCK_POLL_S = 0.2
+LOCK_UNKNOWN_POLLS = 5
 
 
 class ProcessorLockedError(RuntimeError):
@@ -106,34 +107,46 @@ class ProcessorLock:
         self._role = role
         self._handle: IO[str] | None = None
 
-    def acquire(self, *, wait_for_operations: bool = False) -> None:
+    def acquire(
+        self, *, wait_for_operations: bool = False, stop: threading.Event | None = None
+    ) -> bool:
         """Take the lock; raises :class:`ProcessorLockedError` if it is held (with
-        ``wait_for_operations``: held by a processor, else waited for)."""
+        ``wait_for_operations``: held by a processor, else waited for). False: ``stop``
+        was set while waiting (the lock is not held)."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self._path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
-        waiting_for = None
+        waiting_for, unknown = None, 0
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 holder = self.holder()
-            # Polled rather than blocked on: whoever takes the lock next (another
-            # processor, say) is judged again.
-            if not wait_for_operations or holder is None or holder == "processor":
+            # A holder writes its role just after it took the lock: a few looks more
+            # before an unreadable role counts as a processor's.
+            unknown = unknown + 1 if holder is None else 0
+            waiting = wait_for_operations and holder != "processor"
+            if not waiting or unknown > LOCK_UNKNOWN_POLLS:
                 handle.close()
                 who = "another processor" if holder in (None, "processor") else f"an {holder}"
                 raise ProcessorLockedError(
                     f"{who} holds {self._path}; only one may run per data directory"
                 ) from None
-            if holder != waiting_for:
+            if holder is not None and holder != waiting_for:
                 log.warning("processor.waiting_for_operation", operation=holder)
                 waiting_for = holder
-            time.sleep(LOCK_POLL_S)
+            # Polled rather than blocked on: whoever takes the lock next (another
+            # processor, say) is judged again, and a stop request is heard.
+            if stop is not None and stop.wait(LOCK_POLL_S):
+                handle.close()
+                return False
+            if stop is None:
+                time.sleep(LOCK_POLL_S)
         handle.truncate(0)
         handle.write(f"{os.getpid()} {self._role}\n")
         handle.flush()
         self._handle = handle
+        return True
 
     def holder(self) -> str | None:
         """The role the lock's current (or last) holder wrote, if readable."""
@@ -446,7 +459,8 @@ class Processor:
 
     def run_forever(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set: on landing events, and every re-scan interval."""
-        self._lock.acquire(wait_for_operations=True)
+        if not self._lock.acquire(wait_for_operations=True, stop=stop):
+            return  # stopped while an operation held the lock
         watcher = LandingWatcher(self._layout.landing_root, self.wake)
         watcher.start()
         with self._operations_lock:

@@ -288,21 +288,24 @@ def _nested_kept(data: bytes, frame: pl.DataFrame, *, ndjson: bool) -> bool:
     Inferring one type per column, Polars turns the numbers, booleans and containers of
     an array that also holds strings into strings (``[1, "a"]`` -> ``["1", "a"]``) and
     gives every object of a column the keys of all of them (missing ones null). Either
-    adds quotes to the value's JSON text, and nothing else in unification does: so an
-    NDJSON column is kept if its values, read again as JSON text (what Polars makes of a
-    nested value read as a string), hold as many quotes as the unified ones. ``read_json``
-    cannot read a nested value as text: there only shapes unification cannot touch
-    pass (arrays of numbers or booleans, arrays of those).
+    adds quotes to the value's JSON text, and nothing else in unification does: so a
+    column is kept if its values, read again as JSON text (what Polars makes of a nested
+    value read as a string), hold as many quotes as the unified ones. A JSON array is
+    read again as the one array of an NDJSON line (``read_json`` cannot read a nested
+    value as text).
     """
-    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
+    nested = [
+        name
+        for name, dtype in frame.schema.items()
+        if dtype.is_nested() and not _unification_proof(dtype)
+    ]
     if not nested:
         return True
-    if not ndjson:
-        return all(_unification_proof(frame.schema[name]) for name in nested)
-    schema = {name: pl.String() if name in nested else dt for name, dt in frame.schema.items()}
     try:
-        texts = pl.read_ndjson(io.BytesIO(data), schema=schema).select(nested)
+        texts = _nested_texts(data, frame.schema, nested, ndjson=ndjson)
     except Exception:  # cannot tell: the exact path decides
+        return False
+    if texts.height != frame.height:
         return False
     unified = to_raw_strings(frame.select(nested))
     quotes = [
@@ -312,6 +315,20 @@ def _nested_kept(data: bytes, frame: pl.DataFrame, *, ndjson: bool) -> bool:
         for name in nested
     ]
     return not pl.select(pl.any_horizontal(quotes).any()).item()
+
+
+def _nested_texts(
+    data: bytes, schema: pl.Schema, nested: list[str], *, ndjson: bool
+) -> pl.DataFrame:
+    """The ``nested`` columns of ``data`` read as JSON text, one row per record."""
+    if ndjson:
+        as_text = {name: pl.String() if name in nested else dt for name, dt in schema.items()}
+        return pl.read_ndjson(io.BytesIO(data), schema=as_text).select(nested)
+    body = data.lstrip()
+    array = body if body.startswith(b"[") else b"[" + body + b"]"
+    records = pl.Struct({name: pl.String() for name in nested})
+    line = pl.read_ndjson(io.BytesIO(b'{"r":' + array + b"}"), schema={"r": pl.List(records)})
+    return line.explode("r").unnest("r")
 
 
 def _unification_proof(dtype: pl.DataType) -> bool:

@@ -233,5 +233,9 @@ class LandingWriter:
         if final_dir in self._ready_dirs:
             return
         with self._lock:
-            make_durable_dirs(temp_dir)  # inside final_dir: both made durable
+            make_durable_dirs(temp_dir)  # inside final_dir
+            # Directories made by someone else (a hand `mkdir` for file drops, a writer
+            # that died before its fsync) are made durable here too, once per process.
+            fsync_directory(final_dir)
+            fsync_directory(final_dir.parent)
             self._ready_dirs.add(final_dir)

@@ -186,3 +186,54 @@ def test_kills_at_every_stage_lose_and_duplicate_nothing(data_dir: Path, tmp_pat
         gold = pl.read_delta(str(data_dir / "gold" / name))
         keys = [c for c in reference.columns if c in ("device_id", "sensor", "window_start")]
         assert_frame_equal(gold.sort(keys), reference.sort(keys), check_exact=False)
+
+
+def _process_once(data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LAKEHOUSE, "process", "--once"],
+        cwd=REPO,
+        env=lakehouse_env(data_dir, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_kill_after_a_clean_batchs_quality_commit_redoes_only_silver(data_dir: Path) -> None:
+    """A clean batch records the quarantine's position in its quality commit (no empty
+    quarantine commit): killed right after it, the restart finds quality and quarantine
+    at the batch's end and redoes silver alone, once."""
+    from deltalake import DeltaTable
+
+    from delta_processing.silver import QUARANTINE_APP_ID, quarantine_skip_app_id
+
+    writer = LandingWriter(LandingLayout(data_dir))
+
+    def land(minute: int) -> None:
+        ts = (BASE + timedelta(minutes=minute)).isoformat()
+        frame = pl.DataFrame({"ts": [ts], "device_id": ["d"], "sensor": ["s"], "value": ["1"]})
+        writer.write_frame("readings", frame)
+
+    land(1)
+    assert _process_once(data_dir).returncode == 0  # creates the (empty) quarantine table
+    quarantine_dir, quality_dir = (
+        data_dir / "quarantine" / "readings",
+        data_dir / "_meta" / "quality",
+    )
+    quarantine_version = DeltaTable(str(quarantine_dir)).version()
+    land(2)
+    killed = _process_once(data_dir, LAKEHOUSE_CRASH_AT="after_quality_commit:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    quality = DeltaTable(str(quality_dir))
+    bronze_version = DeltaTable(str(data_dir / "bronze" / "readings")).version()
+    assert quality.transaction_version(quarantine_skip_app_id("readings")) == bronze_version
+    assert pl.read_delta(str(data_dir / "silver" / "readings")).height == 1  # not yet
+
+    assert _process_once(data_dir).returncode == 0
+    quarantine = DeltaTable(str(quarantine_dir))
+    assert quarantine.version() == quarantine_version  # no quarantine commit at all
+    assert quarantine.transaction_version(QUARANTINE_APP_ID) == 0
+    silver = pl.read_delta(str(data_dir / "silver" / "readings"))
+    assert sorted(silver["ts"].dt.minute().to_list()) == [1, 2]
+    rows = pl.read_delta(str(quality_dir)).filter(pl.col("source") == "readings")
+    assert rows["bronze_version"].is_unique().all() and rows["rows_in"].sum() == 2

@@ -693,11 +693,26 @@ def test_nested_values_of_mixed_kinds_keep_their_meaning(
     assert decoded == records
 
 
-def test_nested_values_unification_leaves_alone_keep_their_compact_spelling() -> None:
-    body = b'{"m":[1,2],"o":{"a":1,"b":"x"}}\n{"m":[3],"o":{"a":2,"b":null}}'
-    frame = decode_batch(body, "ndjson")
+@pytest.mark.parametrize("fmt", ["json", "ndjson"])
+def test_nested_values_unification_leaves_alone_stay_on_the_fast_path(
+    fmt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Consistent nested values are not sent to the (much slower) exact path."""
+    import landing_zone.formats as formats
+
+    def refuse(records: object) -> object:
+        raise AssertionError("took the exact path")
+
+    monkeypatch.setattr(formats, "raw_frame", refuse)  # what the exact path frames with
+    records = [
+        {"m": [1, 2], "o": {"a": 1, "b": "x"}, "t": ["a", 'q"b']},
+        {"m": [3], "o": {"a": 2, "b": None}, "t": []},
+    ]
+    body = as_json_array(records) if fmt == "json" else as_ndjson(records)
+    frame = decode_batch(body, fmt)
     assert frame["m"].to_list() == ["[1,2]", "[3]"]
     assert frame["o"].to_list() == ['{"a":1,"b":"x"}', '{"a":2,"b":null}']
+    assert [json.loads(v) for v in frame["t"].to_list()] == [["a", 'q"b'], []]
 
 
 def test_gzip_of_each_text_format_decodes_like_the_plain_body() -> None:

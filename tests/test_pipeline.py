@@ -291,6 +291,41 @@ def test_a_processor_waits_for_an_operation_holding_the_lock(settings: Settings)
     assert ProcessorLock(settings.data_dir).holder() == "processor"  # it held the lock
 
 
+def test_a_processor_waiting_for_an_operation_still_stops_when_asked(
+    settings: Settings,
+) -> None:
+    """SIGTERM (``stop``) reaches a processor that waits for an operation's lock."""
+    operation = ProcessorLock(settings.data_dir, role="operation vacuum")
+    operation.acquire()
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=Processor(settings, load_contracts()).run_forever, args=(stop,)
+    )
+    try:
+        runner.start()
+        runner.join(timeout=0.6)
+        assert runner.is_alive()
+        stop.set()
+        runner.join(timeout=5)
+        assert not runner.is_alive()
+        assert ProcessorLock(settings.data_dir).holder() == "operation vacuum"
+    finally:
+        stop.set()
+        operation.release()
+
+
+def test_an_unreadable_lock_holder_counts_as_a_processor(settings: Settings) -> None:
+    """A lock whose holder wrote no role (an older processor) refuses, after a few looks."""
+    lock = ProcessorLock(settings.data_dir)
+    lock.acquire()
+    (settings.data_dir / "_meta" / "processor.lock").write_text("12345\n")
+    try:
+        with pytest.raises(ProcessorLockedError, match="another processor"):
+            ProcessorLock(settings.data_dir).acquire(wait_for_operations=True)
+    finally:
+        lock.release()
+
+
 def test_sources_without_a_contract_still_land_in_bronze(settings: Settings) -> None:
     source_dir = LandingLayout(settings.data_dir).source_dir("events")
     source_dir.mkdir(parents=True)
