@@ -302,7 +302,7 @@ def _nested_kept(data: bytes, frame: pl.DataFrame, *, ndjson: bool) -> bool:
     if not nested:
         return True
     try:
-        texts = _nested_texts(data, frame.schema, nested, ndjson=ndjson)
+        texts = _nested_texts(data, nested, ndjson=ndjson)
     except Exception:  # cannot tell: the exact path decides
         return False
     if texts.height != frame.height:
@@ -317,16 +317,14 @@ def _nested_kept(data: bytes, frame: pl.DataFrame, *, ndjson: bool) -> bool:
     return not pl.select(pl.any_horizontal(quotes).any()).item()
 
 
-def _nested_texts(
-    data: bytes, schema: pl.Schema, nested: list[str], *, ndjson: bool
-) -> pl.DataFrame:
+def _nested_texts(data: bytes, nested: list[str], *, ndjson: bool) -> pl.DataFrame:
     """The ``nested`` columns of ``data`` read as JSON text, one row per record."""
+    as_text = {name: pl.String() for name in nested}  # other fields are skipped
     if ndjson:
-        as_text = {name: pl.String() if name in nested else dt for name, dt in schema.items()}
-        return pl.read_ndjson(io.BytesIO(data), schema=as_text).select(nested)
+        return pl.read_ndjson(io.BytesIO(data), schema=as_text)
     body = data.lstrip()
     array = body if body.startswith(b"[") else b"[" + body + b"]"
-    records = pl.Struct({name: pl.String() for name in nested})
+    records = pl.Struct(as_text)
     line = pl.read_ndjson(io.BytesIO(b'{"r":' + array + b"}"), schema={"r": pl.List(records)})
     return line.explode("r").unnest("r")
 
