@@ -583,7 +583,7 @@ def _stored_windows(gold: DeltaTable, windows: pl.DataFrame, schema: pl.Schema) 
 def narrowed(inserted: SilverInserts, contract: SourceContract) -> SilverInserts:
     """``inserted`` with only the columns gold reads (what is worth holding for it)."""
     columns = [c for c in gold_inputs(contract) if c in inserted.rows.columns]
-    return SilverInserts(inserted.version, inserted.rows.select(columns))
+    return SilverInserts(inserted.version, inserted.rows.select(columns), inserted.table_id)
 
 
 def _held_changes(
@@ -594,7 +594,8 @@ def _held_changes(
     commit, a merge, a rebuild, a retention delete, leaves ``None``: read the feed)."""
     if done is None or not inserted:
         return None
-    held = {entry.version: entry.rows for entry in inserted}
+    table_id = str(silver.metadata().id)  # a UUID, whatever the stub says
+    held = {entry.version: entry.rows for entry in inserted if entry.table_id == table_id}
     wanted = range(done + 1, silver.version() + 1)
     if not wanted or any(version not in held for version in wanted):
         return None

@@ -119,6 +119,7 @@ class SilverInserts:
 
     version: int  # the silver commit that appended ``rows``
     rows: pl.DataFrame
+    table_id: str  # the silver table's id: a table re-created later reuses versions
 
 
 @dataclass(frozen=True)
@@ -447,7 +448,8 @@ class SilverPromoter:
         inserted = None
         if rows.is_empty() or not stores_any_key(silver, rows, contract):
             append(silver, rows, marker, evolve_schema=evolve)
-            inserted = SilverInserts(silver.version(), rows)  # the object is at its commit
+            # The object is at its commit.
+            inserted = SilverInserts(silver.version(), rows, str(silver.metadata().id))
         else:
             merge(
                 silver,

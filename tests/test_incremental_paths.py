@@ -521,9 +521,13 @@ def test_gold_from_held_silver_rows_equals_gold_from_the_change_feed(
             assert len(feed_reads) - len(compared) == 1  # less the check's own reads
             # Rows of a later version alone do not stand for the versions before it.
             silver = DeltaTable(str(data_dir / "silver" / "readings"))
-            latest = SilverInserts(silver.version(), pl.DataFrame({"value": [6.0]}))
+            rows, table_id = pl.DataFrame({"value": [6.0]}), str(silver.metadata().id)
+            latest = SilverInserts(silver.version(), rows, table_id)
             assert real_held(silver, [latest], silver.version() - 1, ["value"]) is not None
             assert real_held(silver, [latest], silver.version() - 2, ["value"]) is None
+            # Nor do rows of another table that had the same versions (a re-created one).
+            other = SilverInserts(silver.version(), rows, "another-table-id")
+            assert real_held(silver, [other], silver.version() - 1, ["value"]) is None
         results[mode] = {
             name: pl.read_delta(str(data_dir / "gold" / name)).sort(pl.all())
             for name in ("readings_hourly", "readings_daily", "readings_latest")
