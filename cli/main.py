@@ -406,7 +406,7 @@ def _holding_processor_lock(settings: Settings, operation: str) -> ProcessorLock
     try:
         lock.acquire()
     except ProcessorLockedError as exc:
-        busy = str(exc).startswith("another processor")
+        busy = exc.holder == "processor"
         hint = "stop `lakehouse up`/`process` first" if busy else "retry when it has finished"
         fail(f"{exc} ({hint})", code=1)
     return lock
@@ -593,9 +593,8 @@ def replay_quarantine_command(
     settings, contracts = load()
     if source not in contracts:
         fail(f"unknown source {source!r}")
-    lock = _holding_processor_lock(
-        settings, "replay"
-    )  # its delete must not race quarantine appends
+    # Its delete must not race quarantine appends.
+    lock = _holding_processor_lock(settings, "replay")
     try:
         result = replay_quarantine(
             settings.data_dir, source, dry_run=dry_run, store=TableStore.from_settings(settings)

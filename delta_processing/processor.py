@@ -54,7 +54,11 @@ LOCK_UNKNOWN_POLLS = 5
 
 
 class ProcessorLockedError(RuntimeError):
-    """Another processor already owns this data directory."""
+    """Another processor (or an operation) already owns this data directory."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder  # "processor", or the operation's role
 
 
 class ProcessorStopped(RuntimeError):
@@ -128,20 +132,19 @@ class ProcessorLock:
             waiting = wait_for_operations and holder != "processor"
             if not waiting or unknown > LOCK_UNKNOWN_POLLS:
                 handle.close()
-                who = "another processor" if holder in (None, "processor") else f"an {holder}"
+                holder = holder or "processor"
+                who = "another processor" if holder == "processor" else f"an {holder}"
                 raise ProcessorLockedError(
-                    f"{who} holds {self._path}; only one may run per data directory"
+                    f"{who} holds {self._path}; only one may run per data directory", holder
                 ) from None
             if holder is not None and holder != waiting_for:
                 log.warning("processor.waiting_for_operation", operation=holder)
                 waiting_for = holder
             # Polled rather than blocked on: whoever takes the lock next (another
             # processor, say) is judged again, and a stop request is heard.
-            if stop is not None and stop.wait(LOCK_POLL_S):
+            if (stop or threading.Event()).wait(LOCK_POLL_S):
                 handle.close()
                 return False
-            if stop is None:
-                time.sleep(LOCK_POLL_S)
         handle.truncate(0)
         handle.write(f"{os.getpid()} {self._role}\n")
         handle.flush()

@@ -373,11 +373,10 @@ class SilverPromoter:
             quality = batch.quality(contract, _next_version(consumed["quality"]))
             # Nothing to quarantine (and the table exists for readers): the quality
             # commit records the quarantine's position instead of an empty commit.
-            if fresh is not None and fresh.is_empty() and quarantine is not None:
+            recorded = fresh is not None and fresh.is_empty() and quarantine is not None
+            self._write_quality(quality_table, contract, end, quality, quarantine_done=recorded)
+            if recorded:
                 fresh = None
-                self._write_quality(quality_table, contract, end, quality, quarantine_done=True)
-            else:
-                self._write_quality(quality_table, contract, end, quality)
         if fresh is not None:
             self._write_quarantine(quarantine, source, fresh, end)
         upserted = 0
