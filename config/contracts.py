@@ -157,13 +157,18 @@ class Partitioning(BaseModel):
     ``ingest_date`` partitions bronze by the UTC date rows arrived (``_ingest_date``);
     ``event_date`` partitions silver by the UTC date of the event time
     (``_event_date``), which also prunes silver MERGEs when the event time is part
-    of the key.
+    of the key. ``window_date`` (the default) partitions every window gold table by the
+    UTC date of its windows (``_window_date``): a MERGE rewrites whole files, and
+    without partitions a window table is one file that every micro-batch rewrites in
+    full, so its cost would grow with the table's age. An existing gold table keeps
+    the layout it was created with (``lakehouse refresh gold/NAME`` rebuilds it).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     bronze: Literal["none", "ingest_date"] = "none"
     silver: Literal["none", "event_date"] = "none"
+    gold: Literal["none", "window_date"] = "window_date"
 
 
 ExpectationKind = Literal["not_null", "range", "regex", "allowed", "unique", "predicate"]

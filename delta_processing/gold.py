@@ -53,6 +53,8 @@ from delta_processing.tables import (
 
 GOLD_APP_ID = "lakehouse/gold<-silver"
 PRESENT = "_present"
+# The partition column of window tables: the UTC date of ``window_start``.
+WINDOW_DATE = "_window_date"
 CHANGED_ROWS = ("insert", "update_postimage", "update_preimage", "delete")
 
 log = structlog.get_logger(__name__)
@@ -83,6 +85,29 @@ def window_schema(spec: WindowGold, contract: SourceContract) -> pl.Schema:
         else:  # avg, stddev, percentiles
             columns[aggregate] = pl.Float64()
     return pl.Schema(columns)
+
+
+def gold_partitions(spec: GoldSpec, contract: SourceContract) -> list[str]:
+    """The partition columns a new gold table is created with (``partitioning.gold``):
+    window tables (declared or SQL) by the date of their windows, latest tables never."""
+    if isinstance(spec, WindowGold | SqlGold) and contract.partitioning.gold == "window_date":
+        return [WINDOW_DATE]
+    return []
+
+
+def with_window_date(windows: pl.DataFrame, window: str = "window_start") -> pl.DataFrame:
+    """``windows`` with their partition value, the UTC date of their ``window`` column."""
+    return windows.with_columns(pl.col(window).dt.date().alias(WINDOW_DATE))
+
+
+def window_date_prune(windows: pl.DataFrame) -> str:
+    """A MERGE predicate on the target that keeps it to the partitions of ``windows``.
+
+    Safe because ``window_start`` is part of a window table's key: a stored row with
+    the key of one of ``windows`` is in that window's date partition.
+    """
+    dates = ", ".join(f"'{d.isoformat()}'" for d in windows[WINDOW_DATE].unique().sort())
+    return f't."{WINDOW_DATE}" IN ({dates})'
 
 
 def _aggregate(name: str, value: pl.Expr, order: list[str]) -> pl.Expr:
@@ -262,11 +287,18 @@ def run_gold_sql(rows: pl.DataFrame, spec: SqlGold) -> pl.DataFrame:
 
 
 def gold_frame(rows: pl.DataFrame, spec: GoldSpec, contract: SourceContract) -> pl.DataFrame:
-    """Compute one gold table from scratch out of silver rows."""
+    """Compute one gold table from scratch out of silver rows, as a new table holds it
+    (window tables with their partition column, where the contract partitions them)."""
     if isinstance(spec, WindowGold):
-        return window_aggregates(rows, spec, contract, window_schema(spec, contract))
+        windows = window_aggregates(rows, spec, contract, window_schema(spec, contract))
+        return with_window_date(windows) if gold_partitions(spec, contract) else windows
     if isinstance(spec, SqlGold):
-        return run_gold_sql(rows, spec)
+        result = run_gold_sql(rows, spec)
+        return (
+            with_window_date(result, spec.window_column)
+            if gold_partitions(spec, contract)
+            else result
+        )
     return latest_values(rows, spec, contract.event_time, latest_schema(spec, contract))
 
 
@@ -286,6 +318,7 @@ def rebuild_gold(
         to_arrow(rows),
         mode="overwrite",
         schema_mode="overwrite",
+        partition_by=gold_partitions(spec, contract) or None,
         commit_properties=commit_marker(GOLD_APP_ID, version, **{REFRESH_MARK: "full"}),
         storage_options=store.options,
     )
@@ -299,6 +332,7 @@ class GoldRefresher:
     def __init__(self, store: TableStore, crash_points: CrashPoints) -> None:
         self._store = store
         self._crash = crash_points
+        self._layout_warned: set[str] = set()  # tables whose kept layout was logged
 
     def refresh(
         self, contract: SourceContract, inserted: Sequence[SilverInserts] = ()
@@ -362,24 +396,52 @@ class GoldRefresher:
     ) -> GoldResult:
         """Upsert the windows (or groups) ``changes`` touched, recomputed from silver."""
         silver_version = silver.version()
+        marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
+        prune = None
         if isinstance(spec, WindowGold):
             schema = window_schema(spec, contract)
             keys = [*spec.group_by, "window_start"]
+            gold = self._window_table(contract, spec, schema)
+            upserts = self._window_upserts(contract, spec, silver, gold, changes, schema)
+            if WINDOW_DATE in gold.metadata().partition_columns:
+                upserts = with_window_date(upserts)
+                prune = None if upserts.is_empty() else window_date_prune(upserts)
         else:
             schema = latest_schema(spec, contract)
             keys = list(spec.group_by)
-        gold = ensure_table(self._store, "gold", spec.name, schema, cdf=False)
-        marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
-        if isinstance(spec, WindowGold):
-            upserts = self._window_upserts(contract, spec, silver, gold, changes, schema)
-        else:
+            gold = ensure_table(self._store, "gold", spec.name, schema, cdf=False)
             upserts = self._latest_upserts(contract, spec, silver, gold, changes, schema)
         if upserts.is_empty():
             append(gold, upserts.drop(PRESENT), marker)
         else:
-            _apply_upserts(gold, upserts, keys, marker)
+            _apply_upserts(gold, upserts, keys, marker, prune)
         self._crash.reached("after_gold_commit")
         return GoldResult(spec.name, silver_version, upserts.height)
+
+    def _window_table(
+        self, contract: SourceContract, spec: WindowGold, schema: pl.Schema
+    ) -> DeltaTable:
+        """The window table, created with the contract's partitioning if new; an existing
+        table keeps its own (gold is rebuilt into a new layout by ``lakehouse refresh``)."""
+        gold = self._store.open("gold", spec.name)
+        wanted = gold_partitions(spec, contract)
+        if gold is None:
+            if wanted:
+                schema = pl.Schema({**schema, WINDOW_DATE: pl.Date()})
+            return ensure_table(
+                self._store, "gold", spec.name, schema, cdf=False, partition_by=wanted
+            )
+        current = list(gold.metadata().partition_columns)
+        if current != wanted and spec.name not in self._layout_warned:
+            self._layout_warned.add(spec.name)
+            log.warning(
+                "gold.partitioning_kept",
+                table=spec.name,
+                table_partitions=current,
+                contract_partitions=wanted,
+                hint=f"lakehouse refresh gold/{spec.name}",
+            )
+        return gold
 
     def _window_upserts(
         self,
@@ -474,20 +536,33 @@ class GoldRefresher:
                 f"got {strays[spec.window_column][0]}"
             )
         marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
+        # A new table takes the contract's layout, an existing one keeps its own.
+        partitions = (
+            gold_partitions(spec, contract)
+            if gold is None
+            else list(gold.metadata().partition_columns)
+        )
+        if WINDOW_DATE in partitions:
+            result = with_window_date(result, spec.window_column)
         if gold is None or touched.is_empty():
             append(
                 gold if gold is not None else self._store.uri("gold", spec.name),
                 result,
                 marker,
+                partition_by=partitions,
                 storage_options=self._store.options,
             )
         else:
             windows = ", ".join(f"'{w.isoformat()}'" for w in touched.sort().to_list())
+            predicate = f'"{spec.window_column}" IN ({windows})'
+            if WINDOW_DATE in partitions:  # only the touched days' files are rewritten
+                dates = ", ".join(f"'{d.isoformat()}'" for d in sorted({w.date() for w in touched}))
+                predicate += f' AND "{WINDOW_DATE}" IN ({dates})'
             write_synced(
                 gold,
                 to_arrow(result),
                 mode="overwrite",
-                predicate=f'"{spec.window_column}" IN ({windows})',
+                predicate=predicate,
                 commit_properties=marker,
             )
         self._crash.reached("after_gold_commit")
@@ -639,7 +714,11 @@ def _mark_presence(
 
 
 def _apply_upserts(
-    gold: DeltaTable, upserts: pl.DataFrame, keys: list[str], marker: CommitProperties
+    gold: DeltaTable,
+    upserts: pl.DataFrame,
+    keys: list[str],
+    marker: CommitProperties,
+    prune: str | None = None,
 ) -> None:
     updates = {name: f's."{name}"' for name in upserts.columns if name != PRESENT}
     merge(
@@ -652,4 +731,5 @@ def _apply_upserts(
             .when_not_matched_insert(updates=updates, predicate=f's."{PRESENT}"')
         ),
         marker,
+        prune=prune,
     )

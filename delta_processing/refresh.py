@@ -23,6 +23,7 @@ from delta_processing.silver import (
     SILVER_APP_ID,
     build_batch,
     consumed_by_sinks,
+    merge_prune,
     quarantine_rows,
     replaces_predicate,
     silver_partitions,
@@ -175,6 +176,7 @@ def backfill(
                 predicate=replaces_predicate(contract, inclusive=True)
             ).when_not_matched_insert_all(),
             note,
+            prune=merge_prune(contract, rows),
         )
     if quarantine is not None:
         window = (

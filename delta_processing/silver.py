@@ -199,16 +199,26 @@ def replaces_predicate(contract: SourceContract, *, inclusive: bool = False) -> 
     return f'(s."{seq}" > t."{seq}") OR (s."{seq}" = t."{seq}" AND {later})'
 
 
-def partition_prune(contract: SourceContract, rows: pl.DataFrame) -> str | None:
-    """Restrict a silver MERGE to the event dates of ``rows``, when that is safe.
+def merge_prune(contract: SourceContract, rows: pl.DataFrame) -> str | None:
+    """Restrict a silver MERGE to the stored rows that can share a key with ``rows``,
+    when that is safe: those within their event-time range (file statistics skip the
+    other files; silver's appends keep them in arrival order, for most sources close to
+    event-time order) and, partitioned, on their event dates.
 
-    Safe only if the event time is part of the key: a key's row then never moves
-    to another date, so its stored copy is always in one of these partitions.
+    Safe only if the event time is part of the key: a key's row then never moves to
+    another instant, so its stored copy is within the range and on one of the dates.
     """
-    if not silver_partitions(contract) or contract.event_time not in contract.keys:
+    event_time = contract.event_time
+    if event_time not in contract.keys or rows.is_empty():
         return None
-    dates = ", ".join(f"'{d.isoformat()}'" for d in rows[EVENT_DATE].unique().sort())
-    return f't."{EVENT_DATE}" IN ({dates})'
+    low, high = rows[event_time].min(), rows[event_time].max()
+    clauses = []
+    if isinstance(low, datetime) and isinstance(high, datetime):
+        clauses.append(f"t.\"{event_time}\" BETWEEN '{low.isoformat()}' AND '{high.isoformat()}'")
+    if silver_partitions(contract):
+        dates = ", ".join(f"'{d.isoformat()}'" for d in rows[EVENT_DATE].unique().sort())
+        clauses.append(f't."{EVENT_DATE}" IN ({dates})')
+    return " AND ".join(clauses) or None
 
 
 def stores_any_key(silver: DeltaTable, rows: pl.DataFrame, contract: SourceContract) -> bool:
@@ -459,7 +469,7 @@ class SilverPromoter:
                 ).when_not_matched_insert_all(),
                 marker,
                 evolve_schema=evolve,
-                prune=partition_prune(contract, rows),
+                prune=merge_prune(contract, rows),
             )
         self._crash.reached("after_silver_commit")
         return inserted

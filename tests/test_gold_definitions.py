@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from config.contracts import ContractError, load_contract_file, load_contracts
@@ -99,7 +100,10 @@ def test_declared_gold_stays_equal_to_full_recomputation(
         _check_against_full_recomputation(settings, tmp_path)
     window = pl.read_delta(str(settings.data_dir / "gold" / "meters_15m"))
     assert window.columns == ["meter", "window_start", "count", "first", "last", "stddev",
-                              "p50", "p90", "min"]  # fmt: skip
+                              "p50", "p90", "min", "_window_date"]  # fmt: skip
+    for name in ("meters_15m", "meters_daily_sql"):  # window tables, declared or SQL
+        table = DeltaTable(str(settings.data_dir / "gold" / name))
+        assert table.metadata().partition_columns == ["_window_date"]
 
 
 def test_first_last_and_percentiles_by_event_time(settings: Settings, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from polars.testing import assert_frame_equal
 from analytics import connect
 from config.contracts import ContractRegistry, load_contracts
 from config.settings import load_settings
+from delta_processing.gold import gold_frame
 from delta_processing.processor import Processor
 from delta_processing.refresh import refresh
 from delta_processing.tables import TableStore
@@ -132,3 +133,127 @@ def test_a_key_value_folder_above_the_data_directory_is_not_a_partition(tmp_path
     con = connect(nested)
     assert con.sql("SELECT count(*) FROM silver.readings").fetchall() == [(silver_rows,)]
     assert "env" not in [c[0] for c in con.sql("DESCRIBE silver.readings").fetchall()]
+
+
+def _with_gold_partitioning(contracts: ContractRegistry, mode: str) -> ContractRegistry:
+    readings = contracts["readings"]
+    partitioning = readings.partitioning.model_copy(update={"gold": mode})
+    return ContractRegistry(
+        {"readings": readings.model_copy(update={"partitioning": partitioning})}
+    )
+
+
+def _days_of_readings(days: int) -> bytes:
+    """Four devices, one reading per hour, over ``days`` days from 2026-11-01."""
+    base = datetime(2026, 11, 1, tzinfo=UTC)
+    rows = [
+        {
+            "ts": (base + timedelta(hours=h)).isoformat(),
+            "device_id": f"d{d}",
+            "sensor": "t",
+            "value": float(h % 7 + d),
+        }
+        for h in range(days * 24)
+        for d in range(4)
+    ]
+    return b"\n".join(json.dumps(r).encode() for r in rows)
+
+
+def _equals_recomputation(data_dir: Path, contracts: ContractRegistry) -> None:
+    contract = contracts["readings"]
+    silver = pl.read_delta(str(data_dir / "silver" / "readings"))
+    for spec in contract.gold:
+        # The logical columns: a table kept unpartitioned has no _window_date.
+        expected = gold_frame(silver, spec, contract).drop("_window_date", strict=False)
+        got = pl.read_delta(str(data_dir / "gold" / spec.name))
+        keys = [c for c in ("device_id", "sensor", "window_start") if c in expected.columns]
+        assert_frame_equal(got.select(expected.columns).sort(keys), expected.sort(keys))
+
+
+def test_window_gold_merges_rewrite_only_the_days_they_touch(tmp_path: Path) -> None:
+    """Without partitions a window table is one file that every MERGE rewrites whole, so a
+    micro-batch would cost in proportion to the table's age."""
+    data_dir = tmp_path / "dados"
+    contracts = load_contracts()
+    _run(data_dir, contracts, [_days_of_readings(10)])
+    hourly = DeltaTable(str(data_dir / "gold" / "readings_hourly"))
+    assert hourly.metadata().partition_columns == ["_window_date"]
+    day = "_window_date=2026-11-05"
+    before = set(hourly.file_uris())
+    assert len(before) == 10 and sum(day in u for u in before) == 1
+
+    late = {"ts": "2026-11-05T10:30:00+00:00", "device_id": "d1", "sensor": "t", "value": 99.0}
+    _run(data_dir, contracts, [json.dumps(late).encode()])
+    hourly.update_incremental()
+    after = set(hourly.file_uris())
+    assert {u for u in after if day not in u} == {u for u in before if day not in u}
+    metrics = hourly.history(1)[0]["operationMetrics"]
+    assert metrics["num_target_files_removed"] == 1
+    assert metrics["num_target_rows_updated"] == 1
+    assert metrics["num_target_rows_copied"] == 4 * 24 - 1  # that day's other windows only
+    _equals_recomputation(data_dir, contracts)
+
+
+def test_an_unpartitioned_gold_table_is_kept_until_refreshed(tmp_path: Path) -> None:
+    data_dir = tmp_path / "dados"
+    plain = _with_gold_partitioning(load_contracts(), "none")
+    _run(data_dir, plain, [_days_of_readings(2)])
+    assert DeltaTable(str(data_dir / "gold" / "readings_hourly")).metadata().partition_columns == []
+    _equals_recomputation(data_dir, plain)
+
+    contracts = load_contracts()  # the default: window tables partitioned by _window_date
+    more = {"ts": "2026-11-02T05:00:00+00:00", "device_id": "d9", "sensor": "t", "value": 1.0}
+    _run(data_dir, contracts, [json.dumps(more).encode()])  # no failure: the layout is kept
+    hourly = DeltaTable(str(data_dir / "gold" / "readings_hourly"))
+    assert hourly.metadata().partition_columns == []
+    _equals_recomputation(data_dir, plain)
+
+    refresh(TableStore(data_dir), contracts["readings"], "readings_hourly")
+    hourly = DeltaTable(str(data_dir / "gold" / "readings_hourly"))
+    assert hourly.metadata().partition_columns == ["_window_date"]
+    _equals_recomputation(data_dir, contracts)
+    con = connect(data_dir)
+    assert con.sql(
+        "SELECT _window_date, count(*) FROM gold.readings_hourly GROUP BY 1 ORDER BY 1"
+    ).fetchall() == [
+        (datetime(2026, 11, 1).date(), 4 * 24),
+        (datetime(2026, 11, 2).date(), 4 * 24 + 1),
+    ]
+
+
+def test_silver_merges_skip_files_outside_the_batch_event_times(tmp_path: Path) -> None:
+    """A correction MERGE reads only the silver files whose event times it can match."""
+    data_dir = tmp_path / "dados"
+    contracts = load_contracts()
+    base = datetime(2026, 11, 1, tzinfo=UTC)
+    days = [
+        b"\n".join(
+            json.dumps(
+                {
+                    "ts": (base + timedelta(days=day, minutes=m)).isoformat(),
+                    "device_id": "d1",
+                    "sensor": "t",
+                    "value": float(m),
+                }
+            ).encode()
+            for m in range(50)
+        )
+        for day in range(6)
+    ]
+    _run(data_dir, contracts, days)  # one silver append (one file) per day
+    silver = DeltaTable(str(data_dir / "silver" / "readings"))
+    assert len(silver.file_uris()) == 6
+    fix = {"ts": (base + timedelta(days=3, minutes=7)).isoformat(), "device_id": "d1",
+           "sensor": "t", "value": -5.0}  # fmt: skip
+    _run(data_dir, contracts, [json.dumps(fix).encode()])
+    silver.update_incremental()
+    merged = silver.history(1)[0]
+    assert merged["operation"] == "MERGE"
+    metrics = merged["operationMetrics"]
+    assert metrics["num_target_files_skipped_during_scan"] == 5
+    assert metrics["num_target_rows_updated"] == 1
+    rows = pl.read_delta(str(data_dir / "silver" / "readings"))
+    assert rows.height == 6 * 50
+    assert rows.filter(pl.col("value") == -5.0)["ts"].to_list() == [
+        base + timedelta(days=3, minutes=7)
+    ]
