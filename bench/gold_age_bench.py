@@ -7,8 +7,9 @@
 
 For each history length, one ``Processor`` takes a history of hourly readings of
 ``--series`` device/sensor pairs in one landing file, then ``--cycles`` micro-batches
-of one new reading per series (the streaming case: the current hour's windows are
-updated every cycle). "value" is the median ``run_once()`` of those micro-batches
+of one new reading per series and one late reading per series for the history's last
+hour (the streaming case: batches straddle hours, devices report late, so stored
+windows are updated every cycle). "value" is the median ``run_once()`` of those micro-batches
 with window gold tables partitioned by ``_window_date`` (the default), "baseline"
 the same with ``partitioning.gold = "none"``: a MERGE rewrites every file holding a
 row it updates, and an unpartitioned window table is one such file. The last figure
@@ -48,12 +49,21 @@ def history_body(days: int, series: int) -> bytes:
 
 
 def cycle_body(days: int, series: int, step: int) -> bytes:
-    """One reading per series within the hour after the history (minute ``step``)."""
-    ts = (START + timedelta(days=days, minutes=step)).isoformat()
+    """One reading per series in the hour after the history (minute ``step``), and a
+    late one per series in the history's last hour, as a batch straddling two hours or
+    a device reporting late brings: the stored windows of that hour are updated."""
+    now = START + timedelta(days=days, minutes=step)
+    late = now - timedelta(minutes=60 - 30 / 60)  # within the history's last hour
     return b"\n".join(
         json.dumps(
-            {"ts": ts, "device_id": f"d{i // 2}", "sensor": f"s{i % 2}", "value": float(step)}
+            {
+                "ts": ts.isoformat(),
+                "device_id": f"d{i // 2}",
+                "sensor": f"s{i % 2}",
+                "value": float(step),
+            }
         ).encode()
+        for ts in (now, late)
         for i in range(series)
     )
 
@@ -150,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     notes = [
         f"{args.series} series, one reading per hour of history, then {args.cycles} "
-        "run_once() micro-batches of one reading per series in the next hour (median)"
+        "run_once() micro-batches (median) of one reading per series in the next hour and "
+        "one late reading per series for the history's last hour"
     ]
     render("Gold micro-batch cost vs table age", figures, notes)
     write_results(args.output, SECTION, figures, started, config=vars(args) | {"output": None})

@@ -7,10 +7,10 @@
 
 Sections (script): api, pipeline, query (pipeline_bench.py); freshness
 (freshness_bench.py); backlog (backlog_bench.py); bridges (bridges_bench.py);
-small_files (small_files_bench.py); lifetime (lifetime_bench.py). Each script runs
-as a subprocess, prints its own table and writes its own JSON; this merges them
-(``sections`` per script, ``figures`` all together, each with its target and
-pass/fail) and prints a summary. A script that fails is recorded under ``failed`` and
+small_files (small_files_bench.py); lifetime (lifetime_bench.py); gold_age
+(gold_age_bench.py). Each script runs as a subprocess, prints its own table and
+writes its own JSON; this merges them (``sections`` per script, ``figures`` all
+together, each with its target and pass/fail) and prints a summary. A script that fails is recorded under ``failed`` and
 the others still run; the exit code is then 1.
 """
 
@@ -34,6 +34,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {  # script -> the sections it measures
     "bridges_bench.py": ("bridges",),
     "small_files_bench.py": ("small_files",),
     "lifetime_bench.py": ("lifetime",),
+    "gold_age_bench.py": ("gold_age",),
 }
 ALL_SECTIONS = [s for sections in SCRIPTS.values() for s in sections]
 QUERY_TARGET = "ratio <= 1.2"  # issue 7: gold queries at most 1.2x plain Parquet
