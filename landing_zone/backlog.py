@@ -7,6 +7,7 @@ it: the API for ``/ready`` and ``/metrics``, a bridge for back-pressure.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from landing_zone.layout import LandingLayout, is_landing_file
+from landing_zone.layout import LandingLayout, is_landing_name
 
 
 @dataclass(frozen=True)
@@ -34,42 +35,75 @@ class SourceBacklog:
 
 
 def measure_backlog(layout: LandingLayout) -> dict[str, SourceBacklog]:
-    """Per source: landing files not yet committed to bronze (pending or claimed)."""
+    """Per source: landing files not yet committed to bronze (pending or claimed).
+
+    One ``stat`` per file (the directory entry's type needs none): a landing zone holds
+    tens of thousands of files after an outage of the processor, and this runs in the
+    API and the bridges, beside their hot paths.
+    """
     backlog: dict[str, SourceBacklog] = {}
     for source in layout.sources_with_files():
-        paths = _listed(layout.source_dir(source))
-        for _, claim in layout.inflight_batches(source):
-            paths.extend(_listed(claim))
+        directories = [layout.source_dir(source)]
+        directories += [claim for _, claim in layout.inflight_batches(source)]
         files, size, oldest = 0, 0, None
-        for path in paths:
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # claimed or archived meanwhile
-                continue
-            files += 1
-            size += stat.st_size
-            oldest = stat.st_ctime if oldest is None else min(oldest, stat.st_ctime)
+        for directory in directories:
+            for stat in _landing_file_stats(directory):
+                files += 1
+                size += stat.st_size
+                oldest = stat.st_ctime if oldest is None else min(oldest, stat.st_ctime)
         if files:
             backlog[source] = SourceBacklog(files, size, oldest)
     return backlog
 
 
-def _listed(directory: Path) -> list[Path]:
+def _landing_file_stats(directory: Path) -> Iterator[os.stat_result]:
     try:  # bronze removes claim directories as it finishes them
-        return [p for p in directory.iterdir() if is_landing_file(p) and p.is_file()]
+        entries = os.scandir(directory)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return
+    with entries:
+        for entry in entries:
+            if not is_landing_name(entry.name):
+                continue
+            try:
+                if entry.is_file():
+                    yield entry.stat()
+            except FileNotFoundError:  # claimed or archived meanwhile
+                continue
 
 
 class BacklogCollector(Collector):
-    """``/metrics``: files, bytes and oldest age of the landing backlog, per source."""
+    """``/metrics``: files, bytes and oldest age of the landing backlog, per source.
 
-    def __init__(self, layout: LandingLayout) -> None:
+    Measured at scrape time, unless the last scan ended less than ``reuse_factor``
+    times its own duration ago: then that scan answers. A small landing zone is scanned
+    in microseconds, so every scrape sees it as it is; a backlog of many thousand files
+    takes a good part of a second, and frequent scrapes (several Prometheus servers, a
+    dashboard polling) could otherwise keep a bridge's or the API's threads scanning it
+    most of the time.
+    """
+
+    def __init__(self, layout: LandingLayout, reuse_factor: float = 10.0) -> None:
         self._layout = layout
+        self._reuse_factor = reuse_factor
+        # (when the last scan ended, how long it took, what it found)
+        self._measured: tuple[float, float, dict[str, SourceBacklog]] | None = None
+
+    def _backlog(self) -> dict[str, SourceBacklog]:
+        measured = self._measured
+        if measured is not None:
+            ended, took, backlog = measured
+            if time.monotonic() - ended < took * self._reuse_factor:
+                return backlog
+        started = time.monotonic()
+        backlog = measure_backlog(self._layout)
+        ended = time.monotonic()
+        self._measured = (ended, ended - started, backlog)
+        return backlog
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Measured at scrape time; the totals keep their historical names."""
-        backlog = measure_backlog(self._layout)
+        """The backlog's gauges; the totals keep their historical names."""
+        backlog = self._backlog()
         now = time.time()
         files = GaugeMetricFamily(
             "lakehouse_landing_backlog_files",

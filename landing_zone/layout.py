@@ -59,7 +59,11 @@ WRITER_FILE_RE = re.compile(r"^(\d{8}T\d{12}Z-[0-9a-f]{12}|replay-\d{8}T\d{12}Z)
 
 def is_landing_file(path: Path) -> bool:
     """True for complete landing files: visible names with a supported suffix."""
-    name = path.name
+    return is_landing_name(path.name)
+
+
+def is_landing_name(name: str) -> bool:
+    """:func:`is_landing_file` by file name (for directory scans without paths)."""
     return not name.startswith(".") and name.endswith(LANDING_SUFFIXES)
 
 

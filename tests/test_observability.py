@@ -450,3 +450,39 @@ def test_unknown_methods_do_not_make_new_metric_series(settings: Settings) -> No
         text, "lakehouse_http_requests_total", method="OTHER", route="/v1/tables", status="405"
     )
     assert other == 3
+
+
+def test_backlog_gauges_reuse_a_scan_only_while_it_is_recent_for_its_cost(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape rescans the landing zone unless the last scan ended within ``reuse_factor``
+    times its own duration: cheap scans are always fresh, a slow one is not repeated
+    by every scrape."""
+    from landing_zone import backlog as backlog_module
+    from landing_zone.backlog import BacklogCollector
+    from landing_zone.layout import LandingLayout
+    from tests.helpers import land_records
+
+    def files(collector: BacklogCollector) -> float:
+        return next(iter(collector.collect())).samples[0].value
+
+    layout = LandingLayout(settings.data_dir)
+    land_records(settings.data_dir, "readings", READINGS)
+    reusing, fresh = BacklogCollector(layout, reuse_factor=1e9), BacklogCollector(layout, 0)
+    assert files(reusing) == files(fresh) == 1
+    land_records(settings.data_dir, "readings", READINGS)
+    assert files(fresh) == 2
+    assert files(reusing) == 1  # the first scan still answers
+
+    scans: list[float] = []
+    measure = backlog_module.measure_backlog
+
+    def slow_scan(layout: LandingLayout) -> dict[str, backlog_module.SourceBacklog]:
+        scans.append(time.monotonic())
+        time.sleep(0.2)
+        return measure(layout)
+
+    monkeypatch.setattr(backlog_module, "measure_backlog", slow_scan)
+    default = BacklogCollector(layout)  # reuses a 0.2 s scan for 2 s
+    assert [files(default), files(default)] == [2, 2]
+    assert len(scans) == 1
