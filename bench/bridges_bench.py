@@ -204,6 +204,8 @@ def run_bridge(
         stop(bridge)
         stop(processor)
     end = watch.bronze_at if with_processor else watch.landed_at
+    if not watch.first_in or end <= watch.first_in:  # the watch died: no figure
+        raise RuntimeError(f"{kind} bridge: no valid timing (start {watch.first_in}, end {end})")
     return expected / (end - watch.first_in)
 
 

@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.days = [int(d) for d in days.split(",")]
     if len(args.days) < 2 or min(args.days) < 1:
         parser.error("--days needs at least two lengths of 1 day or more")
+    if not 1 <= args.cycles < 60:  # cycle n is at minute n: later ones leave the hour
+        parser.error("--cycles must be between 1 and 59")
     return args
 
 

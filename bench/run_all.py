@@ -10,8 +10,8 @@ Sections (script): api, pipeline, query (pipeline_bench.py); freshness
 small_files (small_files_bench.py); lifetime (lifetime_bench.py); gold_age
 (gold_age_bench.py). Each script runs as a subprocess, prints its own table and
 writes its own JSON; this merges them (``sections`` per script, ``figures`` all
-together, each with its target and pass/fail) and prints a summary. A script that fails is recorded under ``failed`` and
-the others still run; the exit code is then 1.
+together, each with its target and pass/fail) and prints a summary. A script that
+fails is recorded under ``failed`` and the others still run; the exit code is then 1.
 """
 
 from __future__ import annotations

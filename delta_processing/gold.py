@@ -283,6 +283,11 @@ def run_gold_sql(rows: pl.DataFrame, spec: SqlGold) -> pl.DataFrame:
         raise GoldDefinitionError(
             f"gold {spec.name!r}: the query must output the window column {spec.window_column!r}"
         )
+    if WINDOW_DATE in result.columns:
+        raise GoldDefinitionError(
+            f"gold {spec.name!r}: {WINDOW_DATE!r} is the partition column gold adds itself; "
+            "name the query's column otherwise"
+        )
     return result.with_columns(pl.col(spec.window_column).cast(SILVER_TIME))
 
 
@@ -318,7 +323,9 @@ def rebuild_gold(
         to_arrow(rows),
         mode="overwrite",
         schema_mode="overwrite",
-        partition_by=gold_partitions(spec, contract) or None,
+        # A list, even empty: None would keep the old table's partitioning, which the
+        # rebuilt rows may not have (a contract back to "none").
+        partition_by=gold_partitions(spec, contract),
         commit_properties=commit_marker(GOLD_APP_ID, version, **{REFRESH_MARK: "full"}),
         storage_options=store.options,
     )

@@ -127,7 +127,9 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
             to_arrow(rows),
             mode="overwrite",
             schema_mode="overwrite",
-            partition_by=(silver_partitions(contract) if layer == "silver" else None) or None,
+            # Silver's layout is the contract's (a list, even empty: None would keep the
+            # old one); quarantine is never partitioned.
+            partition_by=silver_partitions(contract) if layer == "silver" else None,
             configuration=CDF_CONFIGURATION if layer == "silver" else None,
             commit_properties=commit_marker(app_id, end, **{REFRESH_MARK: "full"}),
             storage_options=store.options,

@@ -508,7 +508,11 @@ def merge(
     )
     build(merger).execute()
     if table.version() == before:
-        append(table, source.clear(), marker, evolve_schema=evolve_schema)
+        empty = source.clear()
+        if not evolve_schema:  # columns only the MERGE reads (gold's _present) stay out
+            kept = set(table_columns(table))
+            empty = empty.select([c for c in empty.columns if c in kept])
+        append(table, empty, marker, evolve_schema=evolve_schema)
     else:
         sync_commit(table, table.version())  # the MERGE moved it to its commit
 

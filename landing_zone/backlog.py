@@ -76,16 +76,19 @@ class BacklogCollector(Collector):
     """``/metrics``: files, bytes and oldest age of the landing backlog, per source.
 
     Measured at scrape time, unless the last scan ended less than ``reuse_factor``
-    times its own duration ago: then that scan answers. A small landing zone is scanned
-    in microseconds, so every scrape sees it as it is; a backlog of many thousand files
-    takes a good part of a second, and frequent scrapes (several Prometheus servers, a
-    dashboard polling) could otherwise keep a bridge's or the API's threads scanning it
-    most of the time.
+    times its own duration ago (and at most ``max_reuse_s``): then that scan answers.
+    A small landing zone is scanned in microseconds, so every scrape sees it as it is;
+    a backlog of many thousand files takes a good part of a second, and frequent
+    scrapes (several Prometheus servers, a dashboard polling) could otherwise keep a
+    bridge's or the API's threads scanning it most of the time.
     """
 
-    def __init__(self, layout: LandingLayout, reuse_factor: float = 10.0) -> None:
+    def __init__(
+        self, layout: LandingLayout, reuse_factor: float = 10.0, max_reuse_s: float = 5.0
+    ) -> None:
         self._layout = layout
         self._reuse_factor = reuse_factor
+        self._max_reuse_s = max_reuse_s
         # (when the last scan ended, how long it took, what it found)
         self._measured: tuple[float, float, dict[str, SourceBacklog]] | None = None
 
@@ -93,7 +96,7 @@ class BacklogCollector(Collector):
         measured = self._measured
         if measured is not None:
             ended, took, backlog = measured
-            if time.monotonic() - ended < took * self._reuse_factor:
+            if time.monotonic() - ended < min(took * self._reuse_factor, self._max_reuse_s):
                 return backlog
         started = time.monotonic()
         backlog = measure_backlog(self._layout)

@@ -146,6 +146,15 @@ def test_sql_gold_query_errors_are_reported(settings: Settings, tmp_path: Path) 
     assert len(failures) == 1 and "gold 'meters_daily_sql': query failed" in failures[0]
 
 
+def test_sql_gold_may_not_output_the_partition_column(settings: Settings, tmp_path: Path) -> None:
+    bad = CONTRACT.replace("max(v) AS peak", "max(v) AS _window_date")
+    processor = _processor(tmp_path, settings, bad)
+    _send(settings, [{"meter": "m", "at": "2026-11-20T10:10:00Z", "v": 3.0}])
+    failures = processor.run_once().failures
+    assert len(failures) == 1
+    assert "'_window_date' is the partition column gold adds itself" in failures[0]
+
+
 def test_unknown_aggregates_are_contract_errors(tmp_path: Path) -> None:
     path = tmp_path / "meters.toml"
     path.write_text(CONTRACT.replace('"p90"', '"median"'))

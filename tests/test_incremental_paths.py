@@ -37,7 +37,7 @@ from delta_processing.crashpoints import CrashPoints
 from delta_processing.gold import gold_frame, latest_schema, latest_values
 from delta_processing.processor import Processor
 from delta_processing.silver import SilverInserts, SilverPromoter, with_arrival
-from delta_processing.tables import TableStore, as_inserts, read_changes
+from delta_processing.tables import TableStore, as_inserts, ensure_table, read_changes
 from landing_zone.layout import LandingLayout
 from tests.helpers import count_change_feed_reads, land_records
 
@@ -593,3 +593,23 @@ def test_arrival_is_the_same_whether_rows_come_sorted_or_not(
     given_rows = rows.sample(fraction=1.0, shuffle=True, seed=seed) if shuffle else rows
     assert_frame_equal(with_arrival(given_rows), expected, check_row_order=False)
     assert with_arrival(given_rows)["_arrival"].is_sorted()
+
+
+def test_a_merge_that_changes_nothing_still_records_its_marker(tmp_path: Path) -> None:
+    """Every upsert removes a window gold never stored (``_present`` false): the MERGE
+    commits nothing, and the marker goes in an empty append of the table's columns."""
+    from delta_processing.gold import GOLD_APP_ID, PRESENT, _apply_upserts
+    from delta_processing.tables import commit_marker, consumed_version
+
+    store = TableStore(tmp_path)
+    schema = pl.Schema({"device_id": pl.String(), "count": pl.Int64()})
+    gold = ensure_table(store, "gold", "counts", schema, cdf=False)
+    absent = pl.DataFrame(
+        {"device_id": ["never-stored"], "count": [None], PRESENT: [False]},
+        schema={**schema, PRESENT: pl.Boolean()},
+    )
+    _apply_upserts(gold, absent, ["device_id"], commit_marker(GOLD_APP_ID, 7))
+    gold.update_incremental()
+    assert consumed_version(gold, GOLD_APP_ID) == 7
+    assert gold.count() == 0
+    assert [f.name for f in gold.schema().fields] == ["device_id", "count"]

@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 from polars.testing import assert_frame_equal
 
 from analytics import connect
-from config.contracts import ContractRegistry, load_contracts
+from config.contracts import ContractRegistry, Partitioning, load_contracts
 from config.settings import load_settings
 from delta_processing.gold import gold_frame
 from delta_processing.processor import Processor
@@ -257,3 +257,26 @@ def test_silver_merges_skip_files_outside_the_batch_event_times(tmp_path: Path) 
     assert rows.filter(pl.col("value") == -5.0)["ts"].to_list() == [
         base + timedelta(days=3, minutes=7)
     ]
+
+
+def test_refresh_takes_a_table_back_to_no_partitions(tmp_path: Path) -> None:
+    """``partitioning = "none"`` after a partitioned layout: the rebuild drops the
+    partitions (deltalake keeps a table's partitioning when a write names none)."""
+    data_dir = tmp_path / "dados"
+    parted = _partitioned(load_contracts())  # silver by event date, gold by window date
+    _run(data_dir, parted, [_days_of_readings(2)])
+    plain = ContractRegistry(
+        {
+            "readings": parted["readings"].model_copy(
+                update={"partitioning": Partitioning(bronze="ingest_date", gold="none")}
+            )
+        }
+    )
+    store = TableStore(data_dir)
+    refresh(store, plain["readings"], "silver")
+    refresh(store, plain["readings"], "readings_hourly")
+    for layer, name in (("silver", "readings"), ("gold", "readings_hourly")):
+        assert DeltaTable(str(data_dir / layer / name)).metadata().partition_columns == []
+    more = {"ts": "2026-11-02T05:00:00+00:00", "device_id": "d9", "sensor": "t", "value": 1.0}
+    _run(data_dir, plain, [json.dumps(more).encode()])
+    _equals_recomputation(data_dir, plain)
