@@ -43,6 +43,7 @@ from delta_processing.tables import (
     correlation_ids_in,
     correlation_metadata,
     ensure_table,
+    in_list,
     marked_versions,
     merge,
     read_changes,
@@ -100,14 +101,17 @@ def with_window_date(windows: pl.DataFrame, window: str = "window_start") -> pl.
     return windows.with_columns(pl.col(window).dt.date().alias(WINDOW_DATE))
 
 
+def _window_column(spec: WindowGold | SqlGold) -> str:
+    return "window_start" if isinstance(spec, WindowGold) else spec.window_column
+
+
 def window_date_prune(windows: pl.DataFrame) -> str:
     """A MERGE predicate on the target that keeps it to the partitions of ``windows``.
 
     Safe because ``window_start`` is part of a window table's key: a stored row with
     the key of one of ``windows`` is in that window's date partition.
     """
-    dates = ", ".join(f"'{d.isoformat()}'" for d in windows[WINDOW_DATE].unique().sort())
-    return f't."{WINDOW_DATE}" IN ({dates})'
+    return in_list(f't."{WINDOW_DATE}"', windows[WINDOW_DATE].unique().to_list())
 
 
 def _aggregate(name: str, value: pl.Expr, order: list[str]) -> pl.Expr:
@@ -294,17 +298,15 @@ def run_gold_sql(rows: pl.DataFrame, spec: SqlGold) -> pl.DataFrame:
 def gold_frame(rows: pl.DataFrame, spec: GoldSpec, contract: SourceContract) -> pl.DataFrame:
     """Compute one gold table from scratch out of silver rows, as a new table holds it
     (window tables with their partition column, where the contract partitions them)."""
+    if isinstance(spec, LatestGold):
+        return latest_values(rows, spec, contract.event_time, latest_schema(spec, contract))
     if isinstance(spec, WindowGold):
         windows = window_aggregates(rows, spec, contract, window_schema(spec, contract))
-        return with_window_date(windows) if gold_partitions(spec, contract) else windows
-    if isinstance(spec, SqlGold):
-        result = run_gold_sql(rows, spec)
-        return (
-            with_window_date(result, spec.window_column)
-            if gold_partitions(spec, contract)
-            else result
-        )
-    return latest_values(rows, spec, contract.event_time, latest_schema(spec, contract))
+    else:
+        windows = run_gold_sql(rows, spec)
+    if not gold_partitions(spec, contract):
+        return windows
+    return with_window_date(windows, _window_column(spec))
 
 
 class GoldDefinitionError(RuntimeError):
@@ -410,7 +412,7 @@ class GoldRefresher:
             keys = [*spec.group_by, "window_start"]
             gold = self._window_table(contract, spec, schema)
             upserts = self._window_upserts(contract, spec, silver, gold, changes, schema)
-            if WINDOW_DATE in gold.metadata().partition_columns:
+            if WINDOW_DATE in self._partitions(contract, spec, gold):
                 upserts = with_window_date(upserts)
                 prune = None if upserts.is_empty() else window_date_prune(upserts)
         else:
@@ -428,16 +430,23 @@ class GoldRefresher:
     def _window_table(
         self, contract: SourceContract, spec: WindowGold, schema: pl.Schema
     ) -> DeltaTable:
-        """The window table, created with the contract's partitioning if new; an existing
-        table keeps its own (gold is rebuilt into a new layout by ``lakehouse refresh``)."""
+        """The window table, created with the contract's partitioning if new."""
         gold = self._store.open("gold", spec.name)
+        if gold is not None:
+            return gold
+        wanted = self._partitions(contract, spec, None)
+        if wanted:
+            schema = pl.Schema({**schema, WINDOW_DATE: pl.Date()})
+        return ensure_table(self._store, "gold", spec.name, schema, cdf=False, partition_by=wanted)
+
+    def _partitions(
+        self, contract: SourceContract, spec: WindowGold | SqlGold, gold: DeltaTable | None
+    ) -> list[str]:
+        """The layout to write ``gold`` in: the contract's for a new table; an existing one
+        keeps its own (logged once; ``lakehouse refresh`` rebuilds it in the new one)."""
         wanted = gold_partitions(spec, contract)
         if gold is None:
-            if wanted:
-                schema = pl.Schema({**schema, WINDOW_DATE: pl.Date()})
-            return ensure_table(
-                self._store, "gold", spec.name, schema, cdf=False, partition_by=wanted
-            )
+            return wanted
         current = list(gold.metadata().partition_columns)
         if current != wanted and spec.name not in self._layout_warned:
             self._layout_warned.add(spec.name)
@@ -448,7 +457,7 @@ class GoldRefresher:
                 contract_partitions=wanted,
                 hint=f"lakehouse refresh gold/{spec.name}",
             )
-        return gold
+        return current
 
     def _window_upserts(
         self,
@@ -543,12 +552,7 @@ class GoldRefresher:
                 f"got {strays[spec.window_column][0]}"
             )
         marker = commit_marker(GOLD_APP_ID, silver_version, **correlation_metadata(correlation_ids))
-        # A new table takes the contract's layout, an existing one keeps its own.
-        partitions = (
-            gold_partitions(spec, contract)
-            if gold is None
-            else list(gold.metadata().partition_columns)
-        )
+        partitions = self._partitions(contract, spec, gold)
         if WINDOW_DATE in partitions:
             result = with_window_date(result, spec.window_column)
         if gold is None or touched.is_empty():
@@ -560,11 +564,10 @@ class GoldRefresher:
                 storage_options=self._store.options,
             )
         else:
-            windows = ", ".join(f"'{w.isoformat()}'" for w in touched.sort().to_list())
-            predicate = f'"{spec.window_column}" IN ({windows})'
+            windows = touched.to_list()
+            predicate = in_list(f'"{spec.window_column}"', windows)
             if WINDOW_DATE in partitions:  # only the touched days' files are rewritten
-                dates = ", ".join(f"'{d.isoformat()}'" for d in sorted({w.date() for w in touched}))
-                predicate += f' AND "{WINDOW_DATE}" IN ({dates})'
+                predicate += " AND " + in_list(f'"{WINDOW_DATE}"', (w.date() for w in windows))
             write_synced(
                 gold,
                 to_arrow(result),

@@ -47,6 +47,7 @@ from delta_processing.tables import (
     correlation_ids_in,
     correlation_metadata,
     ensure_table,
+    in_list,
     merge,
     read_changes,
     read_snapshot,
@@ -216,8 +217,7 @@ def merge_prune(contract: SourceContract, rows: pl.DataFrame) -> str | None:
     if isinstance(low, datetime) and isinstance(high, datetime):
         clauses.append(f"t.\"{event_time}\" BETWEEN '{low.isoformat()}' AND '{high.isoformat()}'")
     if silver_partitions(contract):
-        dates = ", ".join(f"'{d.isoformat()}'" for d in rows[EVENT_DATE].unique().sort())
-        clauses.append(f't."{EVENT_DATE}" IN ({dates})')
+        clauses.append(in_list(f't."{EVENT_DATE}"', rows[EVENT_DATE].unique().to_list()))
     return " AND ".join(clauses) or None
 
 

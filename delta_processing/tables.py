@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote
@@ -560,6 +561,13 @@ def correlation_ids_in(commits: list[dict[str, Any]]) -> list[str]:
 def correlation_metadata(ids: list[str]) -> dict[str, str]:
     """Commit metadata naming the requests a commit carries (capped)."""
     return {CORRELATION_IDS: json.dumps(ids[:MAX_COMMITTED_IDS])} if ids else {}
+
+
+def in_list(column: str, values: Iterable[date]) -> str:
+    """``column IN (...)`` over date or timestamp literals (datetimes are dates too),
+    sorted, each once; ``column`` as the predicate names it (``t."_event_date"``)."""
+    literals = ", ".join(f"'{value.isoformat()}'" for value in sorted(set(values)))
+    return f"{column} IN ({literals})"
 
 
 def key_predicate(keys: list[str]) -> str:

@@ -127,32 +127,39 @@ def test_first_last_and_percentiles_by_event_time(settings: Settings, tmp_path: 
     assert daily["day"] == datetime(2026, 11, 20, tzinfo=UTC)
 
 
-def test_sql_gold_with_a_wrong_window_column_is_reported(
-    settings: Settings, tmp_path: Path
+@pytest.mark.parametrize(
+    ("old", "new", "reported"),
+    [
+        pytest.param(
+            "date_trunc('day', \"at\")",
+            "date_trunc('month', \"at\")",
+            "'day' must be the start of the 1d event-time window",
+            id="wrong-window-column",
+        ),
+        pytest.param(
+            "sum(v) AS total",
+            "sum(nope) AS total",
+            "gold 'meters_daily_sql': query failed",
+            id="query-error",
+        ),
+        pytest.param(
+            "max(v) AS peak",
+            "max(v) AS _window_date",
+            "'_window_date' is the partition column gold adds itself",
+            id="partition-column",
+        ),
+    ],
+)
+def test_bad_sql_gold_is_reported(
+    settings: Settings, tmp_path: Path, old: str, new: str, reported: str
 ) -> None:
-    bad = CONTRACT.replace("date_trunc('day', \"at\")", "date_trunc('month', \"at\")")
+    bad = CONTRACT.replace(old, new)
+    assert bad != CONTRACT
     processor = _processor(tmp_path, settings, bad)
     _send(settings, [{"meter": "m", "at": "2026-11-20T10:10:00Z", "v": 3.0}])
     failures = processor.run_once().failures
     assert len(failures) == 1
-    assert "'day' must be the start of the 1d event-time window" in failures[0]
-
-
-def test_sql_gold_query_errors_are_reported(settings: Settings, tmp_path: Path) -> None:
-    bad = CONTRACT.replace("sum(v) AS total", "sum(nope) AS total")
-    processor = _processor(tmp_path, settings, bad)
-    _send(settings, [{"meter": "m", "at": "2026-11-20T10:10:00Z", "v": 3.0}])
-    failures = processor.run_once().failures
-    assert len(failures) == 1 and "gold 'meters_daily_sql': query failed" in failures[0]
-
-
-def test_sql_gold_may_not_output_the_partition_column(settings: Settings, tmp_path: Path) -> None:
-    bad = CONTRACT.replace("max(v) AS peak", "max(v) AS _window_date")
-    processor = _processor(tmp_path, settings, bad)
-    _send(settings, [{"meter": "m", "at": "2026-11-20T10:10:00Z", "v": 3.0}])
-    failures = processor.run_once().failures
-    assert len(failures) == 1
-    assert "'_window_date' is the partition column gold adds itself" in failures[0]
+    assert reported in failures[0]
 
 
 def test_unknown_aggregates_are_contract_errors(tmp_path: Path) -> None:
