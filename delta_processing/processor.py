@@ -50,6 +50,11 @@ T = TypeVar("T")
 MAX_HELD_ROWS = 2_000_000
 # How often a processor looks again at a lock an operation holds.
 LOCK_POLL_S = 0.2
+# After a failed cycle the processor waits, doubling from BACKOFF_MIN_S to BACKOFF_MAX_S;
+# after a storage outage it asks the store every STORE_PROBE_INTERVAL_S meanwhile.
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+STORE_PROBE_INTERVAL_S = 1.0
 LOCK_UNKNOWN_POLLS = 5
 
 
@@ -181,6 +186,7 @@ class Processor:
         self._layout = LandingLayout(settings.data_dir)
         # The processor is its tables' only writer: it keeps them open between batches.
         store = TableStore.from_settings(settings).reusing_tables()
+        self._store = store
         crash = CrashPoints(settings.crash_at)
         limits = BronzeLimits(
             max_files=settings.batch_max_files,
@@ -439,6 +445,24 @@ class Processor:
             if future.set_running_or_notify_cancel():
                 future.set_exception(ProcessorStopped("the processor stopped; retry"))
 
+    def _await_store(self, stop: threading.Event, backoff: float, *, probe: bool) -> bool:
+        """Wait out ``backoff`` after a storage outage; True if cut short by the store.
+
+        Landing events do not end the wait (files keep arriving while the store is
+        away, and they do not bring it back). With ``probe``, the store is asked every
+        :data:`STORE_PROBE_INTERVAL_S` whether it answers again, so its return is
+        noticed within about that long instead of up to :data:`BACKOFF_MAX_S`.
+        """
+        deadline = time.monotonic() + backoff
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or stop.wait(min(STORE_PROBE_INTERVAL_S, remaining)):
+                return False
+            left = deadline - time.monotonic()
+            if probe and left > 0 and self._store.answers(self._settings.batch_max_bytes):
+                log.info("processor.store_answers", backoff_left_s=round(left, 1))
+                return True
+
     def run_once(self) -> CycleReport:
         """Take the lock, drain everything, release (for `lakehouse process --once`).
 
@@ -471,22 +495,29 @@ class Processor:
         self.started.set()
         log.info("processor.started", data_dir=str(self._settings.data_dir))
         backoff = 0.0
+        # Whether a probe may end the next back-off early: not right after one did and
+        # the cycle still failed on the store (a store may answer a probe and fail
+        # writes); that back-off runs to its end.
+        probe_trusted = True
         next_housekeeping = time.monotonic() + self._settings.maintenance_interval_s
         try:
             while not stop.is_set():
                 self.wake.clear()
                 self._run_operations()
                 report = self.run_cycle()
-                backoff = min(max(backoff * 2, 0.5), 30.0) if report.failures else 0.0
+                backoff = (
+                    min(max(backoff * 2, BACKOFF_MIN_S), BACKOFF_MAX_S) if report.failures else 0.0
+                )
                 if report.did_work and not report.failures:
+                    probe_trusted = True
                     continue  # more may have arrived while we worked
                 if report.storage_unavailable:
-                    # Landing events would cut the back-off short (files keep arriving
-                    # while the store is down), and they do not bring it back: sleep the
-                    # whole back-off. Housekeeping waits too; it needs the store.
+                    # Housekeeping waits too; it needs the store.
                     log.info("processor.backing_off", seconds=backoff)
-                    stop.wait(backoff)
+                    answered = self._await_store(stop, backoff, probe=probe_trusted)
+                    probe_trusted = not answered
                     continue
+                probe_trusted = True
                 if time.monotonic() >= next_housekeeping:
                     next_housekeeping = time.monotonic() + self._settings.maintenance_interval_s
                     try:

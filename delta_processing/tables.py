@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -170,6 +171,26 @@ class TableStore:
         if local is None:
             return True
         return (local / layer / name / commit_entry(version)).is_file()
+
+    def answers(self, min_free_bytes: int = 0) -> bool:
+        """Whether the store takes requests again: one cheap look, never raises.
+
+        Object stores: a metadata request under the root (a HEAD, then a one-level
+        listing) succeeds, whatever it finds; it waits at most the client's own
+        ``timeout``/``retry_timeout`` options. Local disk, whose only outage is a
+        full or failing file system: the root's file system has more than
+        ``min_free_bytes`` free.
+        """
+        local = self.local_root
+        try:
+            if local is not None:
+                return shutil.disk_usage(local).free > min_free_bytes
+            remote_filesystem(str(self.root), self.options).get_file_info("_meta")
+        except BaseException as exc:  # deltalake panics included: all mean "not yet"
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            return False
+        return True
 
     def list(self, layer: Layer) -> list[str]:
         """Names of the Delta tables of one layer."""

@@ -38,6 +38,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, SchemaMismatchError
 
 import delta_processing.bronze as bronze_module
+import delta_processing.processor as processor_module
 from api.tokens import TokenStore
 from config.contracts import ContractRegistry, load_contracts
 from config.settings import Settings, load_settings
@@ -48,7 +49,14 @@ from delta_processing.tables import append as real_append
 from delta_processing.transient import brief, is_storage_unavailable, outage_behind
 from landing_zone.layout import LandingLayout
 from tests.azurite import ACCOUNT, ACCOUNT_KEY, AUTOSAVE_S, Azurite
-from tests.helpers import free_port, land_records, start_lakehouse, stop, wait_healthy
+from tests.helpers import (
+    free_port,
+    land_records,
+    start_lakehouse,
+    stop,
+    wait_healthy,
+    wait_until,
+)
 from tests.reliability.chaos import (
     REPORT,
     HttpLoad,
@@ -253,6 +261,16 @@ def _reading(second: int) -> dict[str, object]:
             "value": float(second)}  # fmt: skip
 
 
+def _outages(processor: Processor) -> float:
+    """Cycles that met a storage outage (the processor's counter)."""
+    return sum(
+        sample.value
+        for metric in processor.metrics.storage_unavailable.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
 def test_bronze_retries_a_storage_outage_without_giving_up_the_claim(
     azurite: Azurite, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,13 +311,7 @@ def test_bronze_retries_a_storage_outage_without_giving_up_the_claim(
         assert len(report.failures) == 1 and "Connection refused" in report.failures[0]
         assert [seq for seq, _ in layout.inflight_batches("readings")] == [2]
     assert not layout.quarantine_files_dir("readings").exists()
-    outages = [
-        sample.value
-        for metric in processor.metrics.storage_unavailable.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    ]
-    assert outages == [MAX_CLAIM_ATTEMPTS + 1]
+    assert _outages(processor) == MAX_CLAIM_ATTEMPTS + 1
 
     outage.clear()  # the store is back: the claim goes through, once
     report = processor.run_cycle()
@@ -324,6 +336,59 @@ def test_bronze_retries_a_storage_outage_without_giving_up_the_claim(
         assert len(report.failures) == 1 and not report.storage_unavailable
     assert processor.run_cycle().failures == []
     assert (layout.quarantine_files_dir("readings") / poison).is_file()
+
+
+def test_the_store_probe_tells_an_answering_store_from_an_absent_one(
+    azurite: Azurite, tmp_path: Path
+) -> None:
+    store = TableStore(f"az://{CONTAINER}/lake", {**EMULATOR, "retry_timeout": "1s"})
+    assert store.answers()
+    azurite.stop()
+    assert not store.answers()
+    azurite.start()
+    assert store.answers()
+    # Local tables: an outage is a full disk, and the store answers once there is room.
+    local = TableStore(tmp_path)
+    assert local.answers(min_free_bytes=0)
+    assert not local.answers(min_free_bytes=2**62)
+
+
+def test_the_processor_resumes_as_soon_as_the_store_answers(
+    azurite: Azurite, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage the processor used to sleep its whole back-off (doubling to
+    30 s) however soon the store came back. Here one failed cycle backs off for two
+    minutes: the processor must notice the store's return by probing it, long before.
+    """
+    for bound in ("BACKOFF_MIN_S", "BACKOFF_MAX_S"):
+        monkeypatch.setattr(processor_module, bound, 120.0)
+    settings = _lake_settings(azurite, data_dir)
+    processor = Processor(settings, load_contracts())
+    land_records(data_dir, "readings", [_reading(1)])
+    assert processor.run_once().failures == []
+    azurite.stop()  # saves what it acknowledged (a SIGKILL loses its last seconds)
+    land_records(data_dir, "readings", [_reading(2)])
+    stop_event = threading.Event()
+    thread = threading.Thread(target=processor.run_forever, args=(stop_event,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: _outages(processor) >= 1, timeout=60)
+        azurite.start()
+        back_at = time.monotonic()
+        silver = TableStore(f"az://{CONTAINER}/lake", azurite.storage_options)
+
+        def both_in_silver() -> bool:
+            table = silver.open("silver", "readings")
+            return table is not None and table.to_pyarrow_dataset().count_rows() == 2
+
+        wait_until(both_in_silver, timeout=100, every=0.5)
+        resumed_after = time.monotonic() - back_at
+    finally:
+        stop_event.set()
+        processor.wake.set()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert resumed_after < 30, f"resumed {resumed_after:.1f} s after the store came back"
 
 
 def test_the_processor_survives_housekeeping_on_a_dead_store(
