@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import duckdb
 import polars as pl
@@ -30,7 +31,7 @@ from config.contracts import (
 )
 from delta_processing.coercions import SILVER_TIME, contract_dtypes
 from delta_processing.crashpoints import CrashPoints
-from delta_processing.retention import RETENTION_MARK
+from delta_processing.retention import RETENTION_MARK, retention_horizon
 from delta_processing.silver import SilverInserts
 from delta_processing.tables import (
     REFRESH_MARK,
@@ -313,13 +314,68 @@ class GoldDefinitionError(RuntimeError):
     """A declared gold table cannot be computed as declared (bad query or window)."""
 
 
+def kept_past_horizon(
+    rebuilt: pl.DataFrame,
+    stored: pl.DataFrame,
+    spec: GoldSpec,
+    contract: SourceContract,
+    horizon: datetime,
+) -> pl.DataFrame:
+    """``rebuilt`` with the ``stored`` gold rows that silver can no longer recompute.
+
+    Silver may have lost its rows before ``horizon`` to retention. A window that starts
+    before it keeps its stored aggregate, computed when its rows were all there (SQL
+    gold: the stored rows of its window, declared windows: of its group and window);
+    a rebuilt window only replaces it where none is stored. A latest value recorded
+    before the horizon is kept for a group with no row left in silver. Kept rows take
+    the rebuilt table's columns and layout (a column the old table lacked is null).
+    """
+    stored = stored.drop(WINDOW_DATE, strict=False)
+    if isinstance(spec, LatestGold):
+        past = stored.filter(_instant(stored, contract.event_time) < horizon).join(
+            rebuilt, on=spec.group_by, how="anti", nulls_equal=True
+        )
+    else:
+        window = _window_column(spec)
+        past = stored.filter(_instant(stored, window) < horizon)
+        keys = [*spec.group_by, window] if isinstance(spec, WindowGold) else [window]
+        rebuilt = rebuilt.join(past.select(keys).unique(), on=keys, how="anti", nulls_equal=True)
+        if WINDOW_DATE in rebuilt.columns:
+            past = with_window_date(past, window)
+    if past.is_empty():
+        return rebuilt
+    shaped = past.select(
+        pl.col(name).cast(dtype) if name in past.columns else pl.lit(None, dtype).alias(name)
+        for name, dtype in rebuilt.schema.items()
+    )
+    return pl.concat([rebuilt, shaped])
+
+
+def _instant(frame: pl.DataFrame, column: str) -> pl.Expr:
+    """``column`` as a UTC instant to compare with a horizon (a date is its midnight)."""
+    dtype = frame.schema[column]
+    expr = pl.col(column)
+    if dtype == pl.Date:
+        return expr.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
+        return expr.dt.replace_time_zone("UTC")
+    return expr
+
+
 def rebuild_gold(
     store: TableStore, contract: SourceContract, spec: GoldSpec, silver: DeltaTable
 ) -> GoldResult:
-    """Recompute a gold table in full from ``silver`` and replace it in one commit."""
+    """Recompute a gold table in full from ``silver`` and replace it in one commit.
+
+    Gold outlives silver here as in the incremental refresh: what it derived from rows
+    that retention has since expired from silver is kept (:func:`kept_past_horizon`).
+    """
     version = silver.version()
     rows = gold_frame(read_snapshot(silver).collect(), spec, contract)
     gold = store.open("gold", spec.name)
+    horizon = retention_horizon(silver)
+    if horizon is not None and gold is not None:
+        rows = kept_past_horizon(rows, read_snapshot(gold).collect(), spec, contract, horizon)
     write_synced(
         gold if gold is not None else store.uri("gold", spec.name),
         to_arrow(rows),

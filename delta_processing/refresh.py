@@ -16,8 +16,10 @@ import structlog
 from deltalake import CommitProperties, DeltaTable
 
 from config.contracts import SourceContract
+from delta_processing.column_names import EVENT_DATE
 from delta_processing.gold import rebuild_gold
 from delta_processing.quality import QUALITY_LAYER, QUALITY_TABLE, quality_app_id, quality_row
+from delta_processing.retention import retention_horizon
 from delta_processing.silver import (
     QUARANTINE_APP_ID,
     SILVER_APP_ID,
@@ -109,6 +111,9 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
         raise RefreshRefused(f"bronze/{source} does not exist yet")
     end = bronze.version()
     changes = all_bronze_rows(bronze, end)
+    horizon = retention_horizon(bronze)
+    if horizon is not None:  # rows before it may be gone: those of silver are kept
+        changes = changes.filter(pl.col("_ingested_at") >= horizon)
     batch = build_batch(changes, contract)
     append(
         store.uri(QUALITY_LAYER, QUALITY_TABLE),
@@ -120,6 +125,11 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
         ("quarantine", QUARANTINE_APP_ID, quarantine_rows(batch.quarantined)),
         ("silver", SILVER_APP_ID, batch.silver_rows(silver_schema(contract), 0)),
     ]
+    if horizon is not None:
+        rebuilt = [
+            (layer, app_id, _with_rows_before(store, layer, contract, rows, horizon))
+            for layer, app_id, rows in rebuilt
+        ]
     for layer, app_id, rows in rebuilt:
         # By URI (the table may not exist yet): deltalake loads it just as `open` would.
         write_synced(
@@ -139,6 +149,46 @@ def _refresh_silver(store: TableStore, contract: SourceContract) -> RefreshResul
     return RefreshResult(f"silver/{source}", rows_written, end)
 
 
+def _with_rows_before(
+    store: TableStore,
+    layer: Layer,
+    contract: SourceContract,
+    rebuilt: pl.DataFrame,
+    horizon: datetime,
+) -> pl.DataFrame:
+    """``rebuilt`` with the stored rows of ``layer`` that came from bronze rows ingested
+    before bronze's retention ``horizon``, which bronze may no longer hold.
+
+    A silver row whose key ``rebuilt`` has again is dropped (the later copy wins, as in
+    the incremental pipeline). Kept rows cannot be judged again (their raw form is
+    gone): they keep their values, cast to the rebuilt columns' types, and columns only
+    they have; a type they cannot take refuses the refresh.
+    """
+    stored = store.open(layer, contract.name)
+    if stored is None:
+        return rebuilt
+    past = read_snapshot(stored).filter(pl.col("_ingested_at") < horizon).collect()
+    if layer == "silver":
+        past = past.join(
+            rebuilt.select(contract.keys), on=contract.keys, how="anti", nulls_equal=True
+        )
+        if EVENT_DATE in rebuilt.columns and EVENT_DATE not in past.columns:
+            past = past.with_columns(pl.col(contract.event_time).dt.date().alias(EVENT_DATE))
+    if past.is_empty():
+        return rebuilt
+    try:
+        past = past.with_columns(
+            pl.col(name).cast(rebuilt.schema[name]) for name in past.columns if name in rebuilt
+        )
+    except pl.exceptions.PolarsError as exc:
+        raise RefreshRefused(
+            f"{layer}/{contract.name}: its rows from before bronze's retention horizon "
+            f"({horizon.isoformat()}) cannot take the contract's column types: {exc}"
+        ) from exc
+    log.info("refresh.kept_before_horizon", table=f"{layer}/{contract.name}", rows=past.height)
+    return pl.concat([rebuilt, past], how="diagonal")
+
+
 def backfill(
     store: TableStore, contract: SourceContract, start: datetime, end: datetime
 ) -> RefreshResult:
@@ -147,7 +197,8 @@ def backfill(
     Passing rows are upserted into silver (replacing their earlier copies); the
     quarantine rows of that range are replaced by the new rejects in one commit.
     Only bronze versions silver has already consumed are touched, so the
-    incremental pipeline never sees a row twice.
+    incremental pipeline never sees a row twice. A range reaching before bronze's
+    retention horizon starts at the horizon (bronze may no longer hold older rows).
     """
     source = contract.name
     bronze = store.open("bronze", source)
@@ -162,6 +213,12 @@ def backfill(
     if any(v is None for v in sinks):
         raise RefreshRefused(f"silver/{source} has not consumed bronze in every sink yet")
     consumed = min(v for v in sinks if v is not None)
+    horizon = retention_horizon(bronze)
+    if horizon is not None and start < horizon:
+        # Bronze may have lost the rows before it: their silver and quarantine rows
+        # are left as they are, not replaced by nothing.
+        log.info("backfill.starts_at_horizon", requested=str(start), horizon=str(horizon))
+        start = horizon
     changes = all_bronze_rows(bronze, consumed).filter(
         pl.col("_ingested_at").is_between(start, end, closed="left")
     )
