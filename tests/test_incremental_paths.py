@@ -29,6 +29,7 @@ from delta_processing.bronze import BronzeIngestor, BronzeLimits
 from delta_processing.coercions import (
     date_candidates,
     first_parse,
+    general_timestamp_candidates,
     parse_date,
     parse_timestamp,
     timestamp_candidates,
@@ -67,6 +68,27 @@ def test_first_parse_equals_coalescing_every_spelling(values: list[str | None]) 
     assert first_parse(raw, timestamp_candidates(pl.col("v")), utc).equals(expected)
     expected_dates = raw.select(parse_date(pl.col("v"))).to_series()
     assert first_parse(raw, date_candidates(pl.col("v")), pl.Date()).equals(expected_dates)
+
+
+_ZULU_PARTS = st.tuples(
+    st.sampled_from(["", " ", "+", "-", "0", "12"]),
+    st.sampled_from(["2026", "0000", "9999", "1970", "26"]),
+    st.sampled_from(["-11-20", "-1-2", "-02-30", "-13-01", "-12-31"]),
+    st.sampled_from(["T", " ", "t"]),
+    st.sampled_from(["00:00:00", "23:59:60", "24:00:00", "0:0:0", "12:34", "23:59:59"]),
+    st.sampled_from(["", ".", ".1", ".123456", ".1234567", ".123456789", ".0000000000001"]),
+    st.sampled_from(["Z", "z", "Z ", "", "+00:00", "ZZ"]),
+)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.lists(_ZULU_PARTS.map("".join), min_size=1, max_size=8))
+def test_the_zulu_fast_path_only_changes_speed(values: list[str]) -> None:
+    """Whatever the fast ``...Z`` parse accepts, the general spellings read the same."""
+    raw = pl.DataFrame({"v": values}, schema={"v": pl.String})
+    fast = raw.select(parse_timestamp(pl.col("v"))).to_series()
+    general = raw.select(pl.coalesce(general_timestamp_candidates(pl.col("v")))).to_series()
+    assert fast.cast(pl.Int64).to_list() == general.cast(pl.Int64).to_list(), values
 
 
 def _reading(minute: int, value: float, device: str = "d1") -> dict[str, object]:
