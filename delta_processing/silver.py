@@ -239,9 +239,13 @@ def stores_any_key(silver: DeltaTable, rows: pl.DataFrame, contract: SourceContr
         stored = stored.filter(event_time.is_between(low, high))
         if silver_partitions(contract):
             stored = stored.filter(pl.col(EVENT_DATE).is_in(rows[EVENT_DATE].unique().implode()))
-    probe = rows.lazy().select(pl.col(k).cast(schema[k]) for k in keys)
-    found = stored.select(keys).join(probe, on=keys, how="semi").head(1).collect()
-    return found.height > 0
+    # The stored side first: usually empty (data arriving in time order), and then the
+    # batch's keys are never hashed (~30 ms for 250k rows).
+    candidates = stored.select(keys).collect()
+    if candidates.is_empty():
+        return False
+    probe = rows.select(pl.col(k).cast(schema[k]) for k in keys)
+    return not candidates.join(probe, on=keys, how="semi").head(1).is_empty()
 
 
 @dataclass(frozen=True)
