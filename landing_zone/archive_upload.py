@@ -10,6 +10,9 @@ Invariants protected here:
   the blob's size and stored MD5 equal the local file's; it is then recorded in
   the journal ``<data_dir>/_meta/archive_uploads.jsonl`` (appended and fsynced).
   Pruning only considers journaled files, and checks the blob once more first.
+* **A file an MQTT redelivery journal names stays.** The MQTT bridge tells a
+  redelivered copy from a new message by finding the landing file its batch wrote;
+  pruning such a file would let a restarted bridge land the copy again.
 * **Uploads are idempotent.** A crash between the upload and the journal entry
   leaves a blob equal to the local file: the next run finds it, verifies it and
   records it without uploading again. Blobs are never overwritten: if a blob of
@@ -53,6 +56,7 @@ from azure.storage.blob import BlobClient, ContainerClient, ContentSettings
 
 from config.settings import Settings, SettingsError
 from landing_zone.layout import fsync_directory
+from landing_zone.mqtt_journal import journaled_landing_files
 
 log = structlog.get_logger(__name__)
 
@@ -91,6 +95,7 @@ class PruneReport:
 
     removed: list[str] = field(default_factory=list)
     not_uploaded: int = 0  # past retention but not (verifiably) uploaded: kept
+    journaled: int = 0  # past retention but named by an MQTT redelivery journal: kept
     mismatched: list[str] = field(default_factory=list)  # blob gone or changed: re-upload
 
 
@@ -387,8 +392,18 @@ class ArchiveUploader:
         records = self.uploaded()
         kept = dict(records)
         touched_dirs: set[Path] = set()
-        for path in list(self.archived_files()):
+        archived = list(self.archived_files())
+        # Read after listing: a listed file was archived, so written, after its journal
+        # record (written first), which this read therefore sees.
+        journaled = {
+            (ref.source, f"{ref.batch_id}.parquet")
+            for ref in journaled_landing_files(self.data_dir)
+        }
+        for path in archived:
             if path.stat().st_mtime >= cutoff:
+                continue
+            if (path.parent.parent.name, path.name) in journaled:
+                report.journaled += 1
                 continue
             relative = self._relative(path)
             record = records.get(relative)
@@ -420,6 +435,7 @@ class ArchiveUploader:
             "archive.pruned",
             removed=len(report.removed),
             not_uploaded=report.not_uploaded,
+            journaled=report.journaled,
             mismatched=len(report.mismatched),
         )
         return report

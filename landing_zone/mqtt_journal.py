@@ -204,6 +204,29 @@ def _read(data: bytes) -> tuple[list[tuple[int, list[_File], bytes]], int]:
     return records, pos
 
 
+def journaled_landing_files(data_dir: Path) -> set[LandingRef]:
+    """The landing files that the MQTT bridges' journals under ``data_dir`` name.
+
+    A journal tells a redelivered copy from a new message by finding the landing file
+    its batch wrote (:meth:`LandingLayout.batch_exists`): a bridge restarted after that
+    file left the data directory would land the copy again. Archive pruning keeps these
+    files (``ArchiveUploader.prune``). Records past the journal's bound that a rewrite has
+    not dropped yet are included: keeping a few files longer is the safe side.
+    """
+    refs: set[LandingRef] = set()
+    directory = data_dir / JOURNAL_DIR
+    if not directory.is_dir():
+        return refs
+    for path in directory.glob("*.journal"):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # rewritten meanwhile: the new file is read next time
+            continue
+        for _maximum, files, _record in _read(data)[0]:
+            refs.update(file.ref for file in files)
+    return refs
+
+
 class RedeliveryJournal:
     """Identities of the landed messages that the broker may still redeliver (module doc).
 

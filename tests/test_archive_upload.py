@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import astuple
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from config.contracts import load_contracts
 from config.settings import load_settings
 from delta_processing.processor import Processor
 from landing_zone.archive_upload import ArchiveUploader
+from landing_zone.layout import LandingLayout
+from landing_zone.mqtt_batch import Received
+from landing_zone.mqtt_journal import LandingRef, ReceiveWindow, RedeliveryJournal, journal_path
 from tests.azurite import Azurite
 from tests.helpers import LAKEHOUSE, REPO, lakehouse_env, land_records
 
@@ -242,3 +246,33 @@ def test_cli_archive_upload_and_prune(azurite: Azurite, data_dir: Path, containe
         capture_output=True, timeout=120, check=False,
     )  # fmt: skip
     assert missing.returncode == 2 and b"LAKEHOUSE_ARCHIVE_URI" in missing.stderr
+
+
+def test_prune_keeps_a_file_an_mqtt_redelivery_journal_names(
+    azurite: Azurite, data_dir: Path, container: str
+) -> None:
+    """A restarted MQTT bridge recognises a redelivered copy by its batch's landing file:
+    pruning that file used to let the copy land a second time."""
+    journaled = LandingRef("readings", "20261101T100000000000Z-000000000001")
+    files = {
+        f"readings/2026-11-01/{journaled.batch_id}.parquet": b"landed by the bridge",
+        "readings/2026-11-01/20261101T100000000000Z-000000000002.parquet": b"other",
+    }
+    _archive(data_dir, files, age_days=3)
+    path = journal_path(data_dir, "127.0.0.1", 1883, "bridge-1")
+    journal = RedeliveryJournal.open(path, 10, lambda ref: True)
+    landed: Received = (7, 1, b"tele/dev/temp", b"21.5", 0.0)
+    journal.record(
+        [(journaled, [landed])], connection=0, seen=1, window=ReceiveWindow(0, 0, 1), epoch=0
+    )
+    uploader = _uploader(azurite, data_dir, container)
+    uploader.upload_pending()
+
+    pruned = uploader.prune(timedelta(days=1))
+
+    assert pruned.removed == ["readings/2026-11-01/20261101T100000000000Z-000000000002.parquet"]
+    assert pruned.journaled == 1
+    layout = LandingLayout(data_dir)
+    reopened = RedeliveryJournal.open(path, 10, lambda ref: layout.batch_exists(*astuple(ref)))
+    copy = [(7, 1, b"tele/dev/temp", b"21.5", 0.0)]
+    assert reopened.known(copy, [0], connection=1, seen=1, window=ReceiveWindow(1, 0, 1)) == [0]
