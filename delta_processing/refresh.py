@@ -219,23 +219,35 @@ def backfill(
         # are left as they are, not replaced by nothing.
         log.info("backfill.starts_at_horizon", requested=str(start), horizon=str(horizon))
         start = horizon
-    changes = all_bronze_rows(bronze, consumed).filter(
-        pl.col("_ingested_at").is_between(start, end, closed="left")
-    )
+    every = all_bronze_rows(bronze, consumed)
+    in_range = pl.col("_ingested_at").is_between(start, end, closed="left")
+    changes = every.filter(in_range)
     batch = build_batch(changes, contract)
     note = CommitProperties(custom_metadata={"lakehouse.backfill": f"{start}..{end}"})
     schema = silver_schema(contract)
     rows = batch.silver_rows(schema, 0)
-    if not rows.is_empty():
+    # Everything is judged before anything is written: a `fail` expectation stops the
+    # backfill with no table touched.
+    away = _judged_away(silver, contract, changes, rows)
+    fallback = _fallback_rows(every.filter(~in_range), contract, schema, away)
+    upserts = _backfill_source(rows, away, fallback, contract.keys)
+    if not upserts.is_empty():
+        replaces = replaces_predicate(contract, inclusive=True)
+        columns = {c: f's."{c}"' for c in rows.columns}
         merge(
             silver,
-            rows,
+            upserts,
             contract.keys,
-            lambda m: m.when_matched_update_all(
-                predicate=replaces_predicate(contract, inclusive=True)
-            ).when_not_matched_insert_all(),
+            lambda m: (
+                m.when_matched_update(
+                    updates=columns, predicate=f"s.{_ACTION} = 'upsert' AND ({replaces})"
+                )
+                .when_matched_update(updates=columns, predicate=f"s.{_ACTION} = 'replace'")
+                .when_matched_delete(predicate=f"s.{_ACTION} = 'delete'")
+                .when_not_matched_insert(updates=columns, predicate=f"s.{_ACTION} <> 'delete'")
+            ),
             note,
-            prune=merge_prune(contract, rows),
+            prune=merge_prune(contract, upserts),
         )
     if quarantine is not None:
         window = (
@@ -250,5 +262,59 @@ def backfill(
             schema_mode="merge",
             commit_properties=note,
         )
-    log.info("backfill.done", source=source, rows=changes.height, start=str(start), end=str(end))
+    log.info(
+        "backfill.done",
+        source=source,
+        rows=changes.height,
+        start=str(start),
+        end=str(end),
+        removed_from_silver=away.height - fallback.height,
+        replaced_by_earlier_copies=fallback.height,
+    )
     return RefreshResult(f"silver/{source}", rows.height, consumed)
+
+
+# Source column of a backfill MERGE: what its row does to silver.
+_ACTION = "_backfill_action"
+
+
+def _judged_away(
+    silver: DeltaTable, contract: SourceContract, changes: pl.DataFrame, passed: pl.DataFrame
+) -> pl.DataFrame:
+    """The stored silver rows that came from the re-judged bronze rows (``changes``) and
+    whose key no re-judged row passes any more (``passed``): they must leave silver."""
+    if changes.is_empty():
+        return passed.clear()
+    files = changes.get_column("_batch_id").unique().implode()
+    stored = read_snapshot(silver).filter(pl.col("_batch_id").is_in(files)).collect()
+    keys = contract.keys
+    return stored.join(passed.select(keys), on=keys, how="anti", nulls_equal=True)
+
+
+def _fallback_rows(
+    others: pl.DataFrame, contract: SourceContract, schema: pl.Schema, away: pl.DataFrame
+) -> pl.DataFrame:
+    """For each key judged away, its winning row among the other bronze rows that pass
+    the contract now (an earlier copy the re-judged row had replaced), if any."""
+    if away.is_empty() or others.is_empty():
+        return pl.DataFrame(schema=schema)
+    keys = contract.keys
+    judged = build_batch(others, contract).silver_rows(schema, 0)
+    return judged.join(away.select(keys), on=keys, how="semi", nulls_equal=True)
+
+
+def _backfill_source(
+    passed: pl.DataFrame, away: pl.DataFrame, fallback: pl.DataFrame, keys: list[str]
+) -> pl.DataFrame:
+    """The backfill MERGE's source: the passing rows (upserted as the pipeline would),
+    the earlier copies that replace rows judged away, and the rest of those to delete."""
+    gone = away.join(fallback.select(keys), on=keys, how="anti", nulls_equal=True)
+    shaped = [c for c in passed.columns if c in gone.columns]
+    return pl.concat(
+        [
+            passed.with_columns(pl.lit("upsert").alias(_ACTION)),
+            fallback.with_columns(pl.lit("replace").alias(_ACTION)),
+            gone.select(shaped).with_columns(pl.lit("delete").alias(_ACTION)),
+        ],
+        how="diagonal_relaxed",
+    )

@@ -152,6 +152,50 @@ def test_backfill_rejudges_a_range_against_the_fixed_contract(
     assert _read(settings, "gold/loads_daily")["sum"].sort().to_list() == [1.0, 5.0, 7.0]
 
 
+def test_backfill_with_a_stricter_contract_takes_the_new_rejects_out_of_silver(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A row that passed once and fails the stricter contract used to stay in silver
+    (and be in quarantine too)."""
+    relaxed, strict = _contracts(tmp_path, kw_max=10), _contracts(tmp_path, kw_max=4)
+    _send(settings, _rows([1.0, 5.0, 7.0]))
+    Processor(settings, relaxed).run_once()
+    assert _read(settings, "silver/loads").height == 3
+    now = datetime.now(UTC)
+
+    result = backfill(TableStore(settings.data_dir), strict["loads"], now - timedelta(hours=1),
+                      now + timedelta(hours=1))  # fmt: skip
+
+    assert result.rows == 1
+    assert _read(settings, "silver/loads")["id"].to_list() == ["m0"]
+    assert sorted(_read(settings, "quarantine/loads")["id"].to_list()) == ["m1", "m2"]
+    # Gold follows through the silver change feed (the deletes included).
+    Processor(settings, strict).run_once()
+    gold = _read(settings, "gold/loads_daily")
+    assert gold["id"].to_list() == ["m0"] and gold["sum"].to_list() == [1.0]
+
+
+def test_backfill_falls_back_to_an_earlier_copy_that_still_passes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    relaxed, strict = _contracts(tmp_path, kw_max=10), _contracts(tmp_path, kw_max=4)
+    _send(settings, [{"id": "m0", "ts": "2026-11-20T10:00:00Z", "kw": 2.0}])
+    Processor(settings, relaxed).run_once()
+    between = datetime.now(UTC)
+    _send(settings, [{"id": "m0", "ts": "2026-11-20T10:00:00Z", "kw": 6.0}])  # a correction
+    Processor(settings, relaxed).run_once()
+    assert _read(settings, "silver/loads")["kw"].to_list() == [6.0]
+
+    # Only the correction is judged again, and fails: the earlier copy is m0 again.
+    backfill(TableStore(settings.data_dir), strict["loads"], between,
+             datetime.now(UTC) + timedelta(hours=1))  # fmt: skip
+
+    assert _read(settings, "silver/loads").select("id", "kw").rows() == [("m0", 2.0)]
+    assert _read(settings, "quarantine/loads")["kw"].to_list() == ["6.0"]
+    Processor(settings, strict).run_once()
+    assert _read(settings, "gold/loads_daily")["sum"].to_list() == [2.0]
+
+
 def test_refresh_and_backfill_commands_respect_the_processor_lock(tmp_path: Path) -> None:
     data_dir = tmp_path / "dados"
     contracts_dir = tmp_path / "c"
