@@ -400,16 +400,22 @@ class GoldRefresher:
         self._layout_warned: set[str] = set()  # tables whose kept layout was logged
 
     def refresh(
-        self, contract: SourceContract, inserted: Sequence[SilverInserts] = ()
+        self,
+        contract: SourceContract,
+        inserted: Sequence[SilverInserts] = (),
+        *,
+        silver_version: int | None = None,
     ) -> list[GoldResult]:
         """Refresh every gold table declared by ``contract``; skip those already current.
 
         ``inserted``: silver commits whose appended rows the caller still holds; when
         they are every silver version a gold table has to consume, gold takes them
         instead of reading the change feed (on a backlog that read cost as much as the
-        gold work itself).
+        gold work itself). ``silver_version``: bring gold up to that silver version
+        (silver may be further already, see :mod:`delta_processing.gold_behind`);
+        ``None``: the latest.
         """
-        silver = self._store.open("silver", contract.name)
+        silver = self._store.open("silver", contract.name, version=silver_version)
         if silver is None:
             return []
         silver_version = silver.version()

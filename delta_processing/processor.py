@@ -29,6 +29,7 @@ from delta_processing.bronze import BronzeBatchResult, BronzeIngestor, BronzeLim
 from delta_processing.crashpoints import CrashPoints
 from delta_processing.expectations import check_contracts
 from delta_processing.gold import GoldRefresher, GoldResult, narrowed
+from delta_processing.gold_behind import GoldBehind, GoldDone
 from delta_processing.housekeeping import maintain_all
 from delta_processing.lookahead import BronzeLookahead, Ingested
 from delta_processing.maintenance import policy_for
@@ -202,7 +203,7 @@ class Processor:
         self._bronze = BronzeIngestor(self._layout, store, limits, crash, partitioned, declared)
         self._lookahead = BronzeLookahead(self._bronze)
         self._silver = SilverPromoter(store, crash)
-        self._gold = GoldRefresher(store, crash)
+        self._gold_behind = GoldBehind(GoldRefresher(store, crash))
         self._lock = ProcessorLock(settings.data_dir)
         self.wake = threading.Event()
         self.started = threading.Event()  # set once the lock is held and the watcher runs
@@ -230,12 +231,18 @@ class Processor:
         try:
             self._cycle(report)
         finally:
-            # Nothing may touch bronze between cycles while a batch is ingested ahead.
+            # Nothing may touch bronze or gold between cycles while a batch is ingested
+            # ahead or gold is refreshed behind.
             for source, outcome in self._lookahead.drain().items():
                 if isinstance(outcome, Exception):
                     self._source_failed(source, outcome, report)
                 else:
                     self._bronze_done(source, outcome, report)
+            for source, finished in self._gold_behind.drain().items():
+                if isinstance(finished, Exception):
+                    self._source_failed(source, finished, report)
+                else:
+                    self._gold_finished(source, finished, report)
         return report
 
     def _cycle(self, report: CycleReport) -> None:
@@ -339,23 +346,35 @@ class Processor:
         return since < self._settings.gold_catch_up_ms / 1000
 
     def _refresh_gold(self, contract: SourceContract, report: CycleReport) -> None:
-        metrics = self.metrics
+        """Start bringing ``contract``'s gold up to silver's current version, behind the
+        next silver promotion (:mod:`delta_processing.gold_behind`), once the source's
+        refresh before it is done."""
         source = contract.name
-        started = time.perf_counter()
+        self._gold_finished(source, self._gold_behind.take(source), report)
+        silver = self._store.open("silver", source)
+        if silver is None:
+            return
         held = self._silver_inserts.pop(source, None) or []
-        refreshed = self._gold.refresh(contract, held)
+        carried = self._awaiting_gold.pop(source, [])
+        self._gold_behind.start(contract, held, silver.version(), carried)
         self._gold_refreshed_at[source] = time.monotonic()
+
+    def _gold_finished(self, source: str, done: GoldDone | None, report: CycleReport) -> None:
+        if done is None:
+            return
+        metrics = self.metrics
+        refreshed = done.results
         report.gold.extend(refreshed)
         if refreshed:
-            metrics.stage_seconds.labels("gold").observe(time.perf_counter() - started)
+            metrics.stage_seconds.labels("gold").observe(done.seconds)
         for result in refreshed:
             metrics.stage_batches.labels("gold", result.table).inc()
             metrics.stage_rows.labels("gold", result.table).inc(result.groups_touched)
-        carried = self._awaiting_gold.pop(source, [])
-        if carried and contract.gold:
+        contract = self._contracts.get(source)
+        if done.landed and contract is not None and contract.gold:
             # These batches went all the way: bronze, silver, then gold.
-            metrics.observe_end_to_end(source, [min(landed) for landed in carried])
-            newest = max(max(landed) for landed in carried)
+            metrics.observe_end_to_end(source, [min(landed) for landed in done.landed])
+            newest = max(max(landed) for landed in done.landed)
             for result in refreshed:
                 metrics.record_gold_data(result.table, newest)
 
@@ -482,6 +501,7 @@ class Processor:
                 time.sleep(max(settle_s / 4, 0.05))
         finally:
             self._lookahead.close()
+            self._gold_behind.close()
             self._lock.release()
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -542,6 +562,7 @@ class Processor:
         finally:
             watcher.stop()
             self._lookahead.close()
+            self._gold_behind.close()
             self._abandon_operations()
             self._lock.release()
             log.info("processor.stopped")

@@ -5,6 +5,7 @@ failure ahead is reported for its source and retried like any other."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,8 +15,10 @@ import pytest
 from config.contracts import load_contracts
 from config.settings import Settings, load_settings
 from delta_processing.bronze import BronzeIngestor
+from delta_processing.gold import GoldRefresher, gold_frame
 from delta_processing.processor import Processor
 from delta_processing.silver import SilverPromoter
+from delta_processing.tables import TableStore
 from tests.helpers import count_change_feed_reads, land_records
 
 FILES = 6
@@ -136,3 +139,52 @@ def test_a_batch_ahead_of_a_failed_step_ends_with_its_cycle(
     assert sum(s.rows_in for s in [*first.silver, *second.silver]) == FILES * ROWS_PER_FILE
     keys = _silver_keys(data_dir)
     assert keys.height == FILES * ROWS_PER_FILE
+
+
+def test_gold_refreshes_behind_silver_at_the_version_it_was_asked_for(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gold's first refresh is held until silver has committed the next micro-batch:
+    silver must go on meanwhile (gold runs on its own thread), the refresh must take in
+    exactly the silver version it was asked for, and gold must end up complete."""
+    settings = load_settings(
+        data_dir=data_dir,
+        trigger_latency_ms=0,
+        file_settle_ms=0,
+        batch_max_files=1,
+        gold_catch_up_ms=0,  # a refresh after every micro-batch
+    )
+    store = TableStore(data_dir)
+
+    def silver_version() -> int:
+        silver = store.open("silver", "readings")
+        return -1 if silver is None else silver.version()
+
+    refresh = GoldRefresher.refresh
+    seen: list[tuple[str, int | None, int]] = []  # thread, version asked for, silver then
+
+    def held_first(self: GoldRefresher, *args: object, **kwargs: object) -> object:
+        asked = kwargs.get("silver_version")
+        assert isinstance(asked, int)
+        if not seen:
+            deadline = time.monotonic() + 20
+            while silver_version() <= asked and time.monotonic() < deadline:
+                time.sleep(0.02)
+        seen.append((threading.current_thread().name, asked, silver_version()))
+        return refresh(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GoldRefresher, "refresh", held_first)
+    _land_backlog(data_dir)
+    report = Processor(settings, load_contracts()).run_once()
+
+    assert not report.failures
+    name, asked, silver_then = seen[0]
+    assert name.startswith("gold-behind") and silver_then > asked, seen
+    first = [r for r in report.gold if r.silver_version == asked]
+    assert first and all(r.table.startswith("readings_") for r in first)
+    silver = pl.read_delta(str(data_dir / "silver" / "readings"))
+    contract = load_contracts()["readings"]
+    for spec in contract.gold:
+        expected = gold_frame(silver, spec, contract)
+        got = pl.read_delta(str(data_dir / "gold" / spec.name)).select(expected.columns)
+        assert got.sort(got.columns).equals(expected.sort(expected.columns)), spec.name

@@ -1,0 +1,107 @@
+"""Gold behind silver: a source's gold refresh runs on a worker thread while silver goes on.
+
+On a backlog the processor's main thread types and commits silver micro-batches and,
+every few of them, refreshes gold (a MERGE per gold table); bronze's look-ahead thread
+waits on it meanwhile. Gold's refresh reads silver as of a version already committed
+and writes only gold tables, so it can run beside the next silver promotion: both spend
+most of their time in Polars and deltalake, outside the GIL.
+
+Invariants protected here:
+
+* Gold reads silver as of one pinned version, the one the main thread had committed
+  when it asked for the refresh: what the refresh takes in, and the position it
+  records in its commits, are exactly that version's (the rows the caller held for it
+  included), however far silver has moved on since.
+* A source's gold commits stay in order: at most one refresh per source is in flight,
+  and asking for the next waits for it.
+* Nothing else touches gold while a refresh runs: :meth:`GoldBehind.drain` waits for
+  all of them, and the processor drains at the end of every cycle, before
+  housekeeping, retention and operations can run. A kill meanwhile leaves gold behind
+  silver, which the next refresh catches up on as always.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime
+
+from config.contracts import SourceContract
+from delta_processing.gold import GoldRefresher, GoldResult
+from delta_processing.silver import SilverInserts
+
+
+@dataclass(frozen=True)
+class GoldDone:
+    """A finished gold refresh of one source."""
+
+    results: list[GoldResult]
+    seconds: float  # the refresh's own duration
+    landed: list[tuple[datetime, ...]]  # landing times of the micro-batches it carried
+
+
+class GoldBehind:
+    """Runs sources' gold refreshes on one worker thread, one in flight per source."""
+
+    def __init__(self, gold: GoldRefresher) -> None:
+        self._gold = gold
+        self._running: dict[str, Future[GoldDone]] = {}
+        self._pool: ThreadPoolExecutor | None = None  # started on the first refresh
+
+    def start(
+        self,
+        contract: SourceContract,
+        inserted: Sequence[SilverInserts],
+        silver_version: int,
+        landed: list[tuple[datetime, ...]],
+    ) -> None:
+        """Refresh ``contract``'s gold tables up to ``silver_version`` on the worker.
+
+        The source's refresh in flight must have been taken first (:meth:`take`).
+        """
+        if contract.name in self._running:
+            raise RuntimeError(f"gold of {contract.name!r} is still being refreshed")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-behind")
+        self._running[contract.name] = self._pool.submit(
+            self._refresh, contract, list(inserted), silver_version, landed
+        )
+
+    def take(self, source: str) -> GoldDone | None:
+        """Wait for ``source``'s refresh in flight, if any; its failure is raised here."""
+        running = self._running.pop(source, None)
+        return None if running is None else running.result()
+
+    def drain(self) -> dict[str, GoldDone | Exception]:
+        """Wait for every refresh in flight and hand over each outcome, per source."""
+        running, self._running = self._running, {}
+        wait(running.values())
+        outcomes: dict[str, GoldDone | Exception] = {}
+        for source, future in running.items():
+            failure = future.exception()
+            if failure is None:
+                outcomes[source] = future.result()
+            elif isinstance(failure, Exception):
+                outcomes[source] = failure
+            else:  # a panic or an exit: as if it had happened on the caller's thread
+                raise failure
+        return outcomes
+
+    def close(self) -> None:
+        """Stop the worker thread (call :meth:`drain` first)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _refresh(
+        self,
+        contract: SourceContract,
+        inserted: list[SilverInserts],
+        silver_version: int,
+        landed: list[tuple[datetime, ...]],
+    ) -> GoldDone:
+        started = time.perf_counter()
+        results = self._gold.refresh(contract, inserted, silver_version=silver_version)
+        return GoldDone(results, time.perf_counter() - started, landed)
