@@ -33,7 +33,9 @@ class TokenList(BaseModel):
 
 class CreateToken(BaseModel):
     name: str = Field(description="1-64 letters, digits, '_', '.', '@' or '-'.")
-    scopes: list[str] = Field(min_length=1, description="admin, query, ingest:* or ingest:<src>")
+    scopes: list[str] = Field(
+        min_length=1, description="admin, query, metrics, ingest:* or ingest:<src>"
+    )
     expires_in: str | None = Field(
         None, description="Lifetime such as 30d, 12h, 90s (unset: never expires)."
     )

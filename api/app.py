@@ -24,6 +24,7 @@ from api import (
     tables,
     ui,
 )
+from api.auth import scoped
 from api.body_limit import INGEST_PREFIX, BodyLimitMiddleware
 from api.context import ApiContext
 from api.errors import install_error_handlers
@@ -31,7 +32,7 @@ from api.ingest_endpoint import IngestEndpoint
 from api.metrics import ApiMetrics
 from api.observability import ObservabilityMiddleware
 from api.rate_limit import RateLimiter, RateLimitHeadersMiddleware
-from api.tokens import TokenStore
+from api.tokens import METRICS_SCOPE, TokenStore
 from config.contracts import ContractRegistry, load_contracts
 from config.settings import Settings
 from delta_processing.operations import LockedRunner, OperationRunner
@@ -133,7 +134,10 @@ def create_app(
     app.include_router(query.router)
     app.include_router(sources.router)
     app.include_router(quality.router)
-    app.include_router(metrics.router)
+    # Opt-in: Prometheus scrapes an internal port, but an API port reachable without
+    # Nginx (which denies /metrics) would otherwise show the metrics to anyone.
+    metrics_guard = [scoped(METRICS_SCOPE)] if settings.metrics_auth else []
+    app.include_router(metrics.router, dependencies=metrics_guard)  # type: ignore[arg-type]
     app.include_router(tables.router)
     app.include_router(admin.router)
     app.include_router(admin_tokens.router)

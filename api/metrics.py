@@ -94,7 +94,8 @@ class ApiMetrics(Collector):
 @router.get("/metrics", response_class=Response)
 def metrics(request: Request) -> Response:
     """Metrics in the Prometheus text format (a plain def: collecting lists the landing
-    directories, which must not block the event loop)."""
+    directories, which must not block the event loop). With ``metrics_auth`` on, the
+    bearer check runs first, as a dependency of the router (see :func:`api.app.create_app`)."""
     registry = request.app.state.metrics
     assert isinstance(registry, CollectorRegistry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

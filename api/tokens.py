@@ -38,7 +38,11 @@ from config.contracts import SOURCE_NAME_RE
 from landing_zone.layout import fsync_directory
 
 TOKEN_PREFIX = "lh_"
-SCOPE_RE = re.compile(r"^(admin|query|ingest:\*|ingest:" + SOURCE_NAME_RE.pattern[1:-1] + r")$")
+SCOPE_RE = re.compile(
+    r"^(admin|query|metrics|ingest:\*|ingest:" + SOURCE_NAME_RE.pattern[1:-1] + r")$"
+)
+# What /metrics asks of a token when LAKEHOUSE_METRICS_AUTH is on (API and bridges).
+METRICS_SCOPE = "metrics"
 TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -142,7 +146,9 @@ class Verdict:
 def check_scope(scope: str) -> str:
     """Return ``scope`` if well-formed, else raise :class:`TokenError`."""
     if not SCOPE_RE.fullmatch(scope):
-        raise TokenError(f"invalid scope {scope!r}: use admin, query, ingest:* or ingest:<source>")
+        raise TokenError(
+            f"invalid scope {scope!r}: use admin, query, metrics, ingest:* or ingest:<source>"
+        )
     return scope
 
 

@@ -14,10 +14,10 @@ from typing import Annotated, TypeVar
 
 import structlog
 import typer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
-from cli.common import fail, load
+from cli.common import fail, load, serve_metrics
 from config.settings import Settings
 from landing_zone.backlog import BacklogCollector
 from landing_zone.bridge_metrics import BridgeCollector, PartitionLag
@@ -116,7 +116,7 @@ def _run_one(name: str, config: Path | None, metrics_port: int | None) -> None:
         registry = CollectorRegistry()
         registry.register(bridge_collector({name: bridge}))
         registry.register(BacklogCollector(LandingLayout(settings.data_dir)))
-        start_http_server(metrics_port, addr=settings.api_host, registry=registry)
+        serve_metrics(metrics_port, settings, registry)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # flush the open batch, then exit
         signal.signal(signum, lambda *_: stop.set())
@@ -133,7 +133,11 @@ def _run_one(name: str, config: Path | None, metrics_port: int | None) -> None:
 
 
 MetricsPort = Annotated[
-    int | None, typer.Option(help="Serve Prometheus /metrics on this port (API host).")
+    int | None,
+    typer.Option(
+        help="Serve Prometheus /metrics on this port (API host); with LAKEHOUSE_METRICS_AUTH, "
+        "only to bearer tokens with scope metrics."
+    ),
 ]
 
 

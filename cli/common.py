@@ -8,6 +8,7 @@ from typing import NoReturn
 
 import structlog
 import typer
+from prometheus_client import CollectorRegistry, start_http_server
 from rich.console import Console
 
 from config.contracts import ContractError, ContractRegistry, load_contracts
@@ -48,3 +49,20 @@ def load(**overrides: object) -> tuple[Settings, ContractRegistry]:
         fail(str(exc))
     configure_logging(settings.log_level)
     return settings, contracts
+
+
+def serve_metrics(port: int, settings: Settings, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` as Prometheus ``/metrics`` on ``settings.api_host:port`` from a
+    daemon thread: to anyone, or with ``LAKEHOUSE_METRICS_AUTH`` only to bearers of a
+    token with scope ``metrics`` (``/health`` stays open for health checks)."""
+    if not settings.metrics_auth:
+        start_http_server(port, addr=settings.api_host, registry=registry)
+        return
+    # Imported only here: the api package loads the whole app (FastAPI, DuckDB), which a
+    # process serving open metrics has no use for.
+    from api.tokens import TokenStore
+    from cli.metrics_server import start_authenticated_metrics_server
+
+    start_authenticated_metrics_server(
+        port, settings.api_host, registry, TokenStore(settings.tokens_file)
+    )

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from cli.archive import archive_app
 from cli.bridges import bridge_app, bridge_collector, configured_bridges, start_bridges
-from cli.common import err, fail, load, out
+from cli.common import err, fail, load, out, serve_metrics
 from config.contracts import ContractError, ContractRegistry
 from config.settings import Settings, SettingsError, load_settings
 from delta_processing.expectations import check_contracts
@@ -201,7 +201,7 @@ def process(
     """Run only the processor (landing -> bronze -> silver -> gold)."""
     import signal
 
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from delta_processing.processor import Processor, ProcessorLockedError
     from landing_zone.backlog import BacklogCollector
@@ -213,7 +213,7 @@ def process(
         registry = CollectorRegistry()
         registry.register(processor.metrics)
         registry.register(BacklogCollector(LandingLayout(settings.data_dir)))
-        start_http_server(metrics_port, addr=settings.api_host, registry=registry)
+        serve_metrics(metrics_port, settings, registry)
     try:
         if once:
             report = processor.run_once()
@@ -614,7 +614,7 @@ def tokens_create(
     scope: Annotated[
         list[str],
         typer.Option(
-            "--scope", "-s", help="admin, query, ingest:* or ingest:<source>; repeatable."
+            "--scope", "-s", help="admin, query, metrics, ingest:* or ingest:<source>; repeatable."
         ),
     ],
     expires_in: Annotated[

@@ -214,6 +214,11 @@ class Settings(BaseSettings):
         ge=0,
         description="After `tokens rotate`, the old secret keeps working this long (default).",
     )
+    metrics_auth: bool = Field(
+        False,
+        description="/metrics of the API and of `lakehouse bridge ... --metrics-port` requires "
+        "a bearer token with scope `metrics` (or `admin`); off: open to whoever reaches the port.",
+    )
     rate_limit_rows_per_s: float | None = Field(
         None,
         gt=0,
