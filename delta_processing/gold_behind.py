@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 
 from config.contracts import SourceContract
 from delta_processing.gold import GoldRefresher, GoldResult
 from delta_processing.silver import SilverInserts
+from delta_processing.source_worker import SourceWorker
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,7 @@ class GoldBehind:
 
     def __init__(self, gold: GoldRefresher) -> None:
         self._gold = gold
-        self._running: dict[str, Future[GoldDone]] = {}
-        self._pool: ThreadPoolExecutor | None = None  # started on the first refresh
+        self._behind: SourceWorker[GoldDone] = SourceWorker("gold-behind")
 
     def start(
         self,
@@ -61,39 +60,22 @@ class GoldBehind:
 
         The source's refresh in flight must have been taken first (:meth:`take`).
         """
-        if contract.name in self._running:
-            raise RuntimeError(f"gold of {contract.name!r} is still being refreshed")
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gold-behind")
-        self._running[contract.name] = self._pool.submit(
-            self._refresh, contract, list(inserted), silver_version, landed
+        held = list(inserted)
+        self._behind.submit(
+            contract.name, lambda: self._refresh(contract, held, silver_version, landed)
         )
 
     def take(self, source: str) -> GoldDone | None:
         """Wait for ``source``'s refresh in flight, if any; its failure is raised here."""
-        running = self._running.pop(source, None)
-        return None if running is None else running.result()
+        return self._behind.take(source)
 
     def drain(self) -> dict[str, GoldDone | Exception]:
         """Wait for every refresh in flight and hand over each outcome, per source."""
-        running, self._running = self._running, {}
-        wait(running.values())
-        outcomes: dict[str, GoldDone | Exception] = {}
-        for source, future in running.items():
-            failure = future.exception()
-            if failure is None:
-                outcomes[source] = future.result()
-            elif isinstance(failure, Exception):
-                outcomes[source] = failure
-            else:  # a panic or an exit: as if it had happened on the caller's thread
-                raise failure
-        return outcomes
+        return self._behind.drain()
 
     def close(self) -> None:
         """Stop the worker thread (call :meth:`drain` first)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self._behind.close()
 
     def _refresh(
         self,

@@ -16,10 +16,10 @@ runs is recovered exactly as a kill of the sequential processor is.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from delta_processing.bronze import AppendedRows, BronzeBatchResult, BronzeIngestor
+from delta_processing.source_worker import SourceWorker
 
 
 @dataclass(frozen=True)
@@ -36,24 +36,18 @@ class BronzeLookahead:
 
     def __init__(self, bronze: BronzeIngestor) -> None:
         self._bronze = bronze
-        self._ahead: dict[str, Future[Ingested]] = {}
-        self._pool: ThreadPoolExecutor | None = None  # started on the first look-ahead
+        self._ahead: SourceWorker[Ingested] = SourceWorker("bronze-ahead")
 
     def next(self, source: str) -> Ingested:
         """The source's next micro-batch: the one ingested ahead, if there is one (its
         failure is raised here), else one ingested now."""
-        ahead = self._ahead.pop(source, None)
-        if ahead is not None:
-            return ahead.result()
-        return self._ingest(source)
+        ahead = self._ahead.take(source)
+        return ahead if ahead is not None else self._ingest(source)
 
     def start(self, source: str) -> None:
         """Begin ingesting ``source``'s next micro-batch on the worker thread."""
-        if source in self._ahead:
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bronze-ahead")
-        self._ahead[source] = self._pool.submit(self._ingest, source)
+        if not self._ahead.running(source):
+            self._ahead.submit(source, lambda: self._ingest(source))
 
     def drain(self) -> dict[str, Ingested | Exception]:
         """Wait for every batch ingested ahead and hand over what :meth:`next` did not
@@ -63,24 +57,11 @@ class BronzeLookahead:
         as if it were new (an outage that has passed, say), and a committed batch is
         in bronze anyway, where silver reads it from the change feed.
         """
-        ahead, self._ahead = self._ahead, {}
-        wait(ahead.values())
-        outcomes: dict[str, Ingested | Exception] = {}
-        for source, future in ahead.items():
-            failure = future.exception()
-            if failure is None:
-                outcomes[source] = future.result()
-            elif isinstance(failure, Exception):
-                outcomes[source] = failure
-            else:  # a panic or an exit: as if it had happened on the caller's thread
-                raise failure
-        return outcomes
+        return self._ahead.drain()
 
     def close(self) -> None:
         """Stop the worker thread (call :meth:`drain` first)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        self._ahead.close()
 
     def _ingest(self, source: str) -> Ingested:
         started = time.perf_counter()
