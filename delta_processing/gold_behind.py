@@ -4,7 +4,9 @@ On a backlog the processor's main thread types and commits silver micro-batches 
 every few of them, refreshes gold (a MERGE per gold table); bronze's look-ahead thread
 waits on it meanwhile. Gold's refresh reads silver as of a version already committed
 and writes only gold tables, so it can run beside the next silver promotion: both spend
-most of their time in Polars and deltalake, outside the GIL.
+most of their time in Polars and deltalake, outside the GIL. Without a backlog there is
+nothing to overlap with, and gold is refreshed on the caller's thread
+(:meth:`GoldBehind.refresh_now`).
 
 Invariants protected here:
 
@@ -65,6 +67,22 @@ class GoldBehind:
             contract.name, lambda: self._refresh(contract, held, silver_version, landed)
         )
 
+    def refresh_now(
+        self,
+        contract: SourceContract,
+        inserted: Sequence[SilverInserts],
+        landed: list[tuple[datetime, ...]],
+    ) -> GoldDone:
+        """Refresh ``contract``'s gold tables up to silver's latest version, on the
+        caller's thread: when nothing waits to overlap with, a hand-over only costs (and
+        the caller's thread keeps its open tables, see ``TableStore.reusing_tables``).
+
+        The source's refresh in flight must have been taken first (:meth:`take`).
+        """
+        if self._behind.running(contract.name):
+            raise RuntimeError(f"gold of {contract.name!r} is still being refreshed")
+        return self._refresh(contract, list(inserted), None, landed)
+
     def take(self, source: str) -> GoldDone | None:
         """Wait for ``source``'s refresh in flight, if any; its failure is raised here."""
         return self._behind.take(source)
@@ -81,7 +99,7 @@ class GoldBehind:
         self,
         contract: SourceContract,
         inserted: list[SilverInserts],
-        silver_version: int,
+        silver_version: int | None,
         landed: list[tuple[datetime, ...]],
     ) -> GoldDone:
         started = time.perf_counter()

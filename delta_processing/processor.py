@@ -319,7 +319,8 @@ class Processor:
             if batch is not None and batch.landed_at:
                 self._awaiting_gold.setdefault(source, []).append(batch.landed_at)
             if not self._gold_deferred(source, batch):
-                self._refresh_gold(contract, report)
+                backlog = batch is not None and batch.backlog
+                self._refresh_gold(contract, report, behind=backlog)
         return batch is not None
 
     def _hold_for_gold(self, contract: SourceContract, inserted: SilverInserts | None) -> None:
@@ -345,18 +346,21 @@ class Processor:
         since = time.monotonic() - self._gold_refreshed_at.get(source, 0.0)
         return since < self._settings.gold_catch_up_ms / 1000
 
-    def _refresh_gold(self, contract: SourceContract, report: CycleReport) -> None:
-        """Start bringing ``contract``'s gold up to silver's current version, behind the
-        next silver promotion (:mod:`delta_processing.gold_behind`), once the source's
-        refresh before it is done."""
+    def _refresh_gold(self, contract: SourceContract, report: CycleReport, *, behind: bool) -> None:
+        """Bring ``contract``'s gold up to silver's current version once the source's
+        refresh before it is done: with ``behind`` (files wait) on the gold worker,
+        beside the next silver promotion (:mod:`delta_processing.gold_behind`), else
+        here."""
         source = contract.name
-        self._gold_finished(source, self._gold_behind.take(source), report)
-        silver = self._store.open("silver", source)
-        if silver is None:
-            return
+        gold = self._gold_behind
+        self._gold_finished(source, gold.take(source), report)
         held = self._silver_inserts.pop(source, None) or []
         carried = self._awaiting_gold.pop(source, [])
-        self._gold_behind.start(contract, held, silver.version(), carried)
+        silver = self._store.open("silver", source) if behind else None
+        if silver is not None:
+            gold.start(contract, held, silver.version(), carried)
+        else:
+            self._gold_finished(source, gold.refresh_now(contract, held, carried), report)
         self._gold_refreshed_at[source] = time.monotonic()
 
     def _gold_finished(self, source: str, done: GoldDone | None, report: CycleReport) -> None:
