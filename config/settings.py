@@ -216,8 +216,9 @@ class Settings(BaseSettings):
     )
     metrics_auth: bool = Field(
         False,
-        description="/metrics of the API and of `lakehouse bridge ... --metrics-port` requires "
-        "a bearer token with scope `metrics` (or `admin`); off: open to whoever reaches the port.",
+        description="/metrics of the API and of `lakehouse process`/`bridge ... --metrics-port` "
+        "requires a bearer token with scope `metrics` (or `admin`); off: open to whoever "
+        "reaches the port.",
     )
     rate_limit_rows_per_s: float | None = Field(
         None,

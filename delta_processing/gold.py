@@ -328,9 +328,25 @@ def kept_past_horizon(
     gold: the stored rows of its window, declared windows: of its group and window);
     a rebuilt window only replaces it where none is stored. A latest value recorded
     before the horizon is kept for a group with no row left in silver. Kept rows take
-    the rebuilt table's columns and layout (a column the old table lacked is null).
+    the rebuilt table's columns and layout (a column the old table lacked is null). A
+    stored table that no longer fits the definition keeps nothing (logged).
     """
-    stored = stored.drop(WINDOW_DATE, strict=False)
+    try:
+        return _with_kept(rebuilt, stored.drop(WINDOW_DATE, strict=False), spec, contract, horizon)
+    except (pl.exceptions.PolarsError, KeyError) as exc:
+        # The stored table no longer fits the definition (a column added to group_by,
+        # a window column renamed, a type it cannot take): nothing can be told apart.
+        log.warning("gold.nothing_kept_past_horizon", table=spec.name, error=str(exc))
+        return rebuilt
+
+
+def _with_kept(
+    rebuilt: pl.DataFrame,
+    stored: pl.DataFrame,
+    spec: GoldSpec,
+    contract: SourceContract,
+    horizon: datetime,
+) -> pl.DataFrame:
     if isinstance(spec, LatestGold):
         past = stored.filter(_instant(stored, contract.event_time) < horizon).join(
             rebuilt, on=spec.group_by, how="anti", nulls_equal=True

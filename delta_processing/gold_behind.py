@@ -87,7 +87,7 @@ class GoldBehind:
         """Wait for ``source``'s refresh in flight, if any; its failure is raised here."""
         return self._behind.take(source)
 
-    def drain(self) -> dict[str, GoldDone | Exception]:
+    def drain(self) -> dict[str, GoldDone | BaseException]:
         """Wait for every refresh in flight and hand over each outcome, per source."""
         return self._behind.drain()
 

@@ -49,7 +49,7 @@ class BronzeLookahead:
         if not self._ahead.running(source):
             self._ahead.submit(source, lambda: self._ingest(source))
 
-    def drain(self) -> dict[str, Ingested | Exception]:
+    def drain(self) -> dict[str, Ingested | BaseException]:
         """Wait for every batch ingested ahead and hand over what :meth:`next` did not
         take (a source's step failed, or an outage ended the cycle), per source.
 

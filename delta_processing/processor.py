@@ -234,12 +234,12 @@ class Processor:
             # Nothing may touch bronze or gold between cycles while a batch is ingested
             # ahead or gold is refreshed behind.
             for source, outcome in self._lookahead.drain().items():
-                if isinstance(outcome, Exception):
+                if isinstance(outcome, BaseException):
                     self._source_failed(source, outcome, report)
                 else:
                     self._bronze_done(source, outcome, report)
             for source, finished in self._gold_behind.drain().items():
-                if isinstance(finished, Exception):
+                if isinstance(finished, BaseException):
                     self._source_failed(source, finished, report)
                 else:
                     self._gold_finished(source, finished, report)

@@ -25,6 +25,7 @@ from delta_processing.silver import (
     SILVER_APP_ID,
     build_batch,
     consumed_by_sinks,
+    latest_per_key,
     merge_prune,
     quarantine_rows,
     replaces_predicate,
@@ -42,6 +43,7 @@ from delta_processing.tables import (
     read_changes,
     read_snapshot,
     reopen,
+    table_columns,
     to_arrow,
     write_synced,
 )
@@ -159,21 +161,24 @@ def _with_rows_before(
     """``rebuilt`` with the stored rows of ``layer`` that came from bronze rows ingested
     before bronze's retention ``horizon``, which bronze may no longer hold.
 
-    A silver row whose key ``rebuilt`` has again is dropped (the later copy wins, as in
-    the incremental pipeline). Kept rows cannot be judged again (their raw form is
-    gone): they keep their values, cast to the rebuilt columns' types, and columns only
-    they have; a type they cannot take refuses the refresh.
+    Silver keeps one row per key, the winner as the incremental pipeline picks it: the
+    greater sequence (contracts with one), else the later arrival, which is always the
+    rebuilt row's (ingested after the horizon). Kept rows cannot be judged again (their
+    raw form is gone): they keep their values, cast to the rebuilt columns' types (a
+    type they cannot take refuses the refresh); silver keeps only the rebuilt columns
+    (plus, with evolution ``add``, columns only the kept rows have), so its appends go
+    on as before; quarantine, which takes new columns as they come, keeps them all.
     """
     stored = store.open(layer, contract.name)
     if stored is None:
         return rebuilt
     past = read_snapshot(stored).filter(pl.col("_ingested_at") < horizon).collect()
     if layer == "silver":
-        past = past.join(
-            rebuilt.select(contract.keys), on=contract.keys, how="anti", nulls_equal=True
-        )
+        past = _kept_winners(past, rebuilt, contract)
         if EVENT_DATE in rebuilt.columns and EVENT_DATE not in past.columns:
             past = past.with_columns(pl.col(contract.event_time).dt.date().alias(EVENT_DATE))
+        if contract.evolution != "add":
+            past = past.select([c for c in past.columns if c in rebuilt.columns])
     if past.is_empty():
         return rebuilt
     try:
@@ -186,7 +191,26 @@ def _with_rows_before(
             f"({horizon.isoformat()}) cannot take the contract's column types: {exc}"
         ) from exc
     log.info("refresh.kept_before_horizon", table=f"{layer}/{contract.name}", rows=past.height)
+    if layer == "silver":
+        rebuilt = rebuilt.join(
+            past.select(contract.keys), on=contract.keys, how="anti", nulls_equal=True
+        )
     return pl.concat([rebuilt, past], how="diagonal")
+
+
+def _kept_winners(
+    past: pl.DataFrame, rebuilt: pl.DataFrame, contract: SourceContract
+) -> pl.DataFrame:
+    """The stored pre-horizon silver rows that stay their key's winner against
+    ``rebuilt``: keys it lacks, and (by sequence) keys whose rebuilt copy is older."""
+    keys, seq = contract.keys, contract.sequence
+    if seq is None:
+        return past.join(rebuilt.select(keys), on=keys, how="anti", nulls_equal=True)
+    rival = f"{seq}\x01rebuilt"
+    against = rebuilt.select([*keys, pl.col(seq).alias(rival), pl.lit(True).alias("\x01has")])
+    joined = past.join(against, on=keys, how="left", nulls_equal=True)
+    wins = pl.col("\x01has").is_null() | (pl.col(seq) > pl.col(rival)).fill_null(False)
+    return joined.filter(wins).drop(rival, "\x01has")
 
 
 def backfill(
@@ -228,16 +252,19 @@ def backfill(
     rows = batch.silver_rows(schema, 0)
     # Everything is judged before anything is written: a `fail` expectation stops the
     # backfill with no table touched.
-    away = _judged_away(silver, contract, changes, rows)
-    fallback = _fallback_rows(every.filter(~in_range), contract, schema, away)
-    upserts = _backfill_source(rows, away, fallback, contract.keys)
+    keys = contract.keys
+    stale = _stale_from_range(silver, contract, changes, rows)
+    earlier = _not_quarantined(every.filter(pl.col("_ingested_at") < start), quarantine, start)
+    winners = _winners(stale, rows, earlier, contract, schema)
+    upserts = _backfill_source(rows, stale, winners, keys)
     if not upserts.is_empty():
         replaces = replaces_predicate(contract, inclusive=True)
-        columns = {c: f's."{c}"' for c in rows.columns}
+        stored = set(table_columns(silver))
+        columns = {c: f's."{c}"' for c in upserts.columns if c in stored}
         merge(
             silver,
             upserts,
-            contract.keys,
+            keys,
             lambda m: (
                 m.when_matched_update(
                     updates=columns, predicate=f"s.{_ACTION} = 'upsert' AND ({replaces})"
@@ -268,8 +295,8 @@ def backfill(
         rows=changes.height,
         start=str(start),
         end=str(end),
-        removed_from_silver=away.height - fallback.height,
-        replaced_by_earlier_copies=fallback.height,
+        removed_from_silver=stale.height - winners.height,
+        replaced=winners.height,
     )
     return RefreshResult(f"silver/{source}", rows.height, consumed)
 
@@ -278,42 +305,71 @@ def backfill(
 _ACTION = "_backfill_action"
 
 
-def _judged_away(
+def _stale_from_range(
     silver: DeltaTable, contract: SourceContract, changes: pl.DataFrame, passed: pl.DataFrame
 ) -> pl.DataFrame:
     """The stored silver rows that came from the re-judged bronze rows (``changes``) and
-    whose key no re-judged row passes any more (``passed``): they must leave silver."""
+    that the re-judgment does not make again (``passed``): the contract now rejects them
+    (or an earlier copy of their key is what passes), so they must not stay as they are."""
     if changes.is_empty():
         return passed.clear()
     files = changes.get_column("_batch_id").unique().implode()
     stored = read_snapshot(silver).filter(pl.col("_batch_id").is_in(files)).collect()
-    keys = contract.keys
-    return stored.join(passed.select(keys), on=keys, how="anti", nulls_equal=True)
+    same = [*contract.keys, "_arrival"]
+    return stored.join(passed.select(same), on=same, how="anti", nulls_equal=True)
 
 
-def _fallback_rows(
-    others: pl.DataFrame, contract: SourceContract, schema: pl.Schema, away: pl.DataFrame
+def _not_quarantined(
+    rows: pl.DataFrame, quarantine: DeltaTable | None, before: datetime
 ) -> pl.DataFrame:
-    """For each key judged away, its winning row among the other bronze rows that pass
-    the contract now (an earlier copy the re-judged row had replaced), if any."""
-    if away.is_empty() or others.is_empty():
-        return pl.DataFrame(schema=schema)
+    """``rows`` (bronze, ingested before ``before``) less those in quarantine: a copy
+    the pipeline rejected then is the quarantine's, even if it would pass now."""
+    if quarantine is None or rows.is_empty():
+        return rows
+    held = (
+        read_snapshot(quarantine)
+        .filter(pl.col("_ingested_at") < before)
+        .select("_batch_id", "_row")
+        .collect()
+    )
+    return rows.join(held, on=["_batch_id", "_row"], how="anti", nulls_equal=True)
+
+
+def _winners(
+    stale: pl.DataFrame,
+    passed: pl.DataFrame,
+    earlier: pl.DataFrame,
+    contract: SourceContract,
+    schema: pl.Schema,
+) -> pl.DataFrame:
+    """For each key of a stale row, its winning copy among those that pass the contract
+    now: the re-judged range's and the earlier bronze rows the quarantine does not hold
+    (rows after the range are left to their own judgment)."""
     keys = contract.keys
-    judged = build_batch(others, contract).silver_rows(schema, 0)
-    return judged.join(away.select(keys), on=keys, how="semi", nulls_equal=True)
+    if stale.is_empty():
+        return pl.DataFrame(schema=schema)
+    judged = [passed]
+    if not earlier.is_empty():
+        judged.append(build_batch(earlier, contract).silver_rows(schema, 0))
+    candidates = pl.concat(judged, how="diagonal_relaxed").join(
+        stale.select(keys), on=keys, how="semi", nulls_equal=True
+    )
+    return latest_per_key(candidates, contract)
 
 
 def _backfill_source(
-    passed: pl.DataFrame, away: pl.DataFrame, fallback: pl.DataFrame, keys: list[str]
+    passed: pl.DataFrame, stale: pl.DataFrame, winners: pl.DataFrame, keys: list[str]
 ) -> pl.DataFrame:
-    """The backfill MERGE's source: the passing rows (upserted as the pipeline would),
-    the earlier copies that replace rows judged away, and the rest of those to delete."""
-    gone = away.join(fallback.select(keys), on=keys, how="anti", nulls_equal=True)
+    """The backfill MERGE's source: the passing rows of keys without a stale row
+    (upserted as the pipeline would), the winners that replace stale rows, and the
+    stale rows no copy replaces, to delete."""
+    upserted = passed.join(stale.select(keys), on=keys, how="anti", nulls_equal=True)
+    gone = stale.join(winners.select(keys), on=keys, how="anti", nulls_equal=True)
     shaped = [c for c in passed.columns if c in gone.columns]
     return pl.concat(
         [
-            passed.with_columns(pl.lit("upsert").alias(_ACTION)),
-            fallback.with_columns(pl.lit("replace").alias(_ACTION)),
+            upserted.with_columns(pl.lit("upsert").alias(_ACTION)),
+            winners.with_columns(pl.lit("replace").alias(_ACTION)),
             gone.select(shaped).with_columns(pl.lit("delete").alias(_ACTION)),
         ],
         how="diagonal_relaxed",

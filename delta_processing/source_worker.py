@@ -41,23 +41,25 @@ class SourceWorker(Generic[T]):
         running = self._running.pop(source, None)
         return None if running is None else running.result()
 
-    def drain(self) -> dict[str, T | Exception]:
+    def drain(self) -> dict[str, T | BaseException]:
         """Wait for every task in flight and hand over each outcome, per source.
 
         Nothing is carried over: a late failure would be raised later as if it were
-        new. A panic or an exit is raised as if it had happened on the caller's thread.
+        new. Failures are handed over, Polars and deltalake panics (BaseExceptions)
+        included, as the caller's per-source handling would have caught them; only an
+        interrupt or an exit is raised.
         """
         running, self._running = self._running, {}
         wait(running.values())
-        outcomes: dict[str, T | Exception] = {}
+        outcomes: dict[str, T | BaseException] = {}
         for source, future in running.items():
             failure = future.exception()
             if failure is None:
                 outcomes[source] = future.result()
-            elif isinstance(failure, Exception):
-                outcomes[source] = failure
-            else:
+            elif isinstance(failure, KeyboardInterrupt | SystemExit):
                 raise failure
+            else:
+                outcomes[source] = failure
         return outcomes
 
     def close(self) -> None:

@@ -191,3 +191,44 @@ def test_gold_refreshes_behind_silver_at_the_version_it_was_asked_for(
         expected = gold_frame(silver, spec, contract)
         got = pl.read_delta(str(data_dir / "gold" / spec.name)).select(expected.columns)
         assert got.sort(got.columns).equals(expected.sort(expected.columns)), spec.name
+
+
+class _Panic(BaseException):
+    """Stands in for pyo3's PanicException, which derives from BaseException."""
+
+
+def test_a_panic_behind_silver_is_one_source_failure_not_the_processors_end(
+    backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refresh = GoldRefresher.refresh
+    panicked: list[str] = []
+
+    def panicking_once_behind(self: GoldRefresher, *args: object, **kwargs: object) -> object:
+        name = threading.current_thread().name
+        if name.startswith("gold-behind") and not panicked:
+            panicked.append(name)
+            raise _Panic("deltalake panicked")
+        return refresh(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    promote = SilverPromoter.promote
+    promotions: list[int] = []
+
+    def failing_second(self: SilverPromoter, *args: object, **kwargs: object) -> object:
+        # The source's step fails right after gold went behind: the cycle ends, and
+        # only its drain meets the panic.
+        promotions.append(1)
+        if len(promotions) == 2:
+            raise RuntimeError("silver hiccup")
+        return promote(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GoldRefresher, "refresh", panicking_once_behind)
+    monkeypatch.setattr(SilverPromoter, "promote", failing_second)
+    data_dir = backlog_settings.data_dir
+    _land_backlog(data_dir)
+    processor = Processor(backlog_settings, load_contracts())
+    first = processor.run_cycle()  # used to raise out of the cycle's drain
+    assert panicked and "readings: silver hiccup" in first.failures, first.failures
+    assert any("deltalake panicked" in f for f in first.failures), first.failures
+    assert processor.run_once().failures == []
+    hourly = pl.read_delta(str(data_dir / "gold" / "readings_hourly"))
+    assert hourly["count"].sum() == FILES * ROWS_PER_FILE

@@ -196,6 +196,25 @@ def test_backfill_falls_back_to_an_earlier_copy_that_still_passes(
     assert _read(settings, "gold/loads_daily")["sum"].to_list() == [2.0]
 
 
+def test_backfill_replaces_a_copy_that_fails_typing_by_the_one_that_passes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Both copies of m0 are in the range; the later one no longer types: the earlier
+    one is silver's row again (it used to lose to the stored copy's later arrival)."""
+    relaxed = _contracts(tmp_path)
+    start = datetime.now(UTC)
+    for kw in (2.0, 6.5):
+        _send(settings, [{"id": "m0", "ts": "2026-11-20T10:00:00Z", "kw": kw}])
+        Processor(settings, relaxed).run_once()
+    as_int = _contracts(tmp_path, kw_type="int")
+
+    backfill(TableStore(settings.data_dir), as_int["loads"], start - timedelta(seconds=1),
+             datetime.now(UTC) + timedelta(hours=1))  # fmt: skip
+
+    assert _read(settings, "silver/loads").select("id", "kw").rows() == [("m0", 2)]
+    assert _read(settings, "quarantine/loads")["kw"].to_list() == ["6.5"]
+
+
 def test_refresh_and_backfill_commands_respect_the_processor_lock(tmp_path: Path) -> None:
     data_dir = tmp_path / "dados"
     contracts_dir = tmp_path / "c"

@@ -274,3 +274,73 @@ def test_retention_records_its_horizon_only_when_rows_go(settings: Settings) -> 
     silver = store.open("silver", "readings")
     assert silver is not None and silver.version() == version + 2
     assert retention_horizon(silver) == NOW - timedelta(days=365)
+
+
+REVISED = """
+name = "docs"
+keys = ["id"]
+event_time = "ts"
+sequence = "rev"
+
+[[fields]]
+name = "id"
+type = "string"
+
+[[fields]]
+name = "ts"
+type = "timestamp"
+required = true
+
+[[fields]]
+name = "rev"
+type = "int"
+required = true
+
+[[fields]]
+name = "kw"
+type = "float"
+{note}
+"""
+NOTE = '\n[[fields]]\nname = "note"\ntype = "string"\n'
+
+
+def _docs(tmp_path: Path, *, with_note: bool) -> ContractRegistry:
+    directory = tmp_path / f"docs-{with_note}"
+    directory.mkdir(exist_ok=True)
+    (directory / "docs.toml").write_text(REVISED.format(note=NOTE if with_note else ""))
+    return load_contracts(directory)
+
+
+def test_a_silver_refresh_after_bronze_retention_keeps_winners_and_a_working_schema(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Kept rows used to lose to any rebuilt copy of their key, whatever its sequence,
+    and brought back columns the contract had dropped, which then failed every append."""
+    before = _docs(tmp_path, with_note=True)
+    ts = "2026-11-20T10:00:00Z"
+    land_records(settings.data_dir, "docs", [{"id": "a", "ts": ts, "rev": 10, "kw": 1.0,
+                                              "note": "x"}])  # fmt: skip
+    assert Processor(settings, before).run_once().failures == []
+    store = TableStore(settings.data_dir)
+    later = datetime.now(UTC) + timedelta(days=1)
+    apply_retention(store, list(before.values()), RetentionPolicy(bronze_days=1), later)
+    bronze = store.open("bronze", "docs")
+    assert bronze is not None
+    bronze.vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    stale_copy = {"id": "a", "ts": ts, "rev": 5, "kw": 2.0}  # an older revision, late
+    land_records(settings.data_dir, "docs", [stale_copy, {"id": "b", "ts": ts, "rev": 1,
+                                                          "kw": 3.0}])  # fmt: skip
+    assert Processor(settings, before).run_once().failures == []
+    assert _read(settings, "silver/docs").sort("id").select("id", "rev").rows() == [
+        ("a", 10),
+        ("b", 1),
+    ]
+
+    after = _docs(tmp_path, with_note=False)  # the contract drops `note`
+    refresh(store, after["docs"], "silver")
+    silver = _read(settings, "silver/docs").sort("id")
+    assert silver.select("id", "rev", "kw").rows() == [("a", 10, 1.0), ("b", 1, 3.0)]
+    assert "note" not in silver.columns
+    land_records(settings.data_dir, "docs", [{"id": "c", "ts": ts, "rev": 1, "kw": 4.0}])
+    assert Processor(settings, after).run_once().failures == []
+    assert sorted(_read(settings, "silver/docs")["id"].to_list()) == ["a", "b", "c"]
