@@ -331,40 +331,32 @@ def kept_past_horizon(
     the rebuilt table's columns and layout (a column the old table lacked is null). A
     stored table that no longer fits the definition keeps nothing (logged).
     """
+    stored = stored.drop(WINDOW_DATE, strict=False)
     try:
-        return _with_kept(rebuilt, stored.drop(WINDOW_DATE, strict=False), spec, contract, horizon)
+        fresh = rebuilt  # what stays of the rebuilt rows
+        if isinstance(spec, LatestGold):
+            past = stored.filter(_instant(stored, contract.event_time) < horizon).join(
+                rebuilt, on=spec.group_by, how="anti", nulls_equal=True
+            )
+        else:
+            window = _window_column(spec)
+            past = stored.filter(_instant(stored, window) < horizon)
+            keys = [*spec.group_by, window] if isinstance(spec, WindowGold) else [window]
+            fresh = rebuilt.join(past.select(keys).unique(), on=keys, how="anti", nulls_equal=True)
+            if WINDOW_DATE in rebuilt.columns:
+                past = with_window_date(past, window)
+        if past.is_empty():
+            return rebuilt
+        shaped = past.select(
+            pl.col(name).cast(dtype) if name in past.columns else pl.lit(None, dtype).alias(name)
+            for name, dtype in rebuilt.schema.items()
+        )
+        return pl.concat([fresh, shaped])
     except (pl.exceptions.PolarsError, KeyError) as exc:
         # The stored table no longer fits the definition (a column added to group_by,
         # a window column renamed, a type it cannot take): nothing can be told apart.
         log.warning("gold.nothing_kept_past_horizon", table=spec.name, error=str(exc))
         return rebuilt
-
-
-def _with_kept(
-    rebuilt: pl.DataFrame,
-    stored: pl.DataFrame,
-    spec: GoldSpec,
-    contract: SourceContract,
-    horizon: datetime,
-) -> pl.DataFrame:
-    if isinstance(spec, LatestGold):
-        past = stored.filter(_instant(stored, contract.event_time) < horizon).join(
-            rebuilt, on=spec.group_by, how="anti", nulls_equal=True
-        )
-    else:
-        window = _window_column(spec)
-        past = stored.filter(_instant(stored, window) < horizon)
-        keys = [*spec.group_by, window] if isinstance(spec, WindowGold) else [window]
-        rebuilt = rebuilt.join(past.select(keys).unique(), on=keys, how="anti", nulls_equal=True)
-        if WINDOW_DATE in rebuilt.columns:
-            past = with_window_date(past, window)
-    if past.is_empty():
-        return rebuilt
-    shaped = past.select(
-        pl.col(name).cast(dtype) if name in past.columns else pl.lit(None, dtype).alias(name)
-        for name, dtype in rebuilt.schema.items()
-    )
-    return pl.concat([rebuilt, shaped])
 
 
 def _instant(frame: pl.DataFrame, column: str) -> pl.Expr:

@@ -11,6 +11,7 @@ from polars.testing import assert_frame_equal
 
 from config.contracts import ContractRegistry, SourceContract, load_contracts
 from config.settings import Settings
+from delta_processing.gold import kept_past_horizon
 from delta_processing.processor import Processor
 from delta_processing.refresh import backfill, refresh
 from delta_processing.retention import RetentionPolicy, apply_retention, retention_horizon
@@ -344,3 +345,24 @@ def test_a_silver_refresh_after_bronze_retention_keeps_winners_and_a_working_sch
     land_records(settings.data_dir, "docs", [{"id": "c", "ts": ts, "rev": 1, "kw": 4.0}])
     assert Processor(settings, after).run_once().failures == []
     assert sorted(_read(settings, "silver/docs")["id"].to_list()) == ["a", "b", "c"]
+
+
+def test_a_stored_gold_table_that_no_longer_fits_keeps_nothing_and_fails_nothing(
+    tmp_path: Path,
+) -> None:
+    """A gold definition changed (here: a column added to group_by) after silver lost
+    rows: the old rows cannot be told apart, so the rebuild keeps none of them instead
+    of failing on every try (the processor would retry it forever)."""
+    contract = _meters(tmp_path)
+    daily = next(s for s in contract.gold if s.name == "meters_daily")
+    regrouped = daily.model_copy(update={"group_by": ["meter", "site"]})
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    rebuilt = pl.DataFrame({"meter": ["m1"], "site": ["s"], "window_start": [start],
+                            "count": [1], "sum": [2.0]})  # fmt: skip
+    stored = pl.DataFrame({"meter": ["m1"], "window_start": [start - timedelta(days=9)],
+                           "count": [3], "sum": [4.0]})  # fmt: skip
+    kept = kept_past_horizon(rebuilt, stored, regrouped, contract, start)
+    assert kept.equals(rebuilt)
+    # The same stored row, with the definition it was made by, is kept.
+    with_site = stored.with_columns(pl.lit("s").alias("site"))
+    assert kept_past_horizon(rebuilt, with_site, regrouped, contract, start).height == 2
