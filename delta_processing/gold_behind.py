@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from config.contracts import SourceContract
 from delta_processing.gold import GoldRefresher, GoldResult
@@ -41,7 +40,6 @@ class GoldDone:
 
     results: list[GoldResult]
     seconds: float  # the refresh's own duration
-    landed: list[tuple[datetime, ...]]  # landing times of the micro-batches it carried
 
 
 class GoldBehind:
@@ -56,22 +54,18 @@ class GoldBehind:
         contract: SourceContract,
         inserted: Sequence[SilverInserts],
         silver_version: int,
-        landed: list[tuple[datetime, ...]],
     ) -> None:
         """Refresh ``contract``'s gold tables up to ``silver_version`` on the worker.
 
         The source's refresh in flight must have been taken first (:meth:`take`).
         """
         held = list(inserted)
-        self._behind.submit(
-            contract.name, lambda: self._refresh(contract, held, silver_version, landed)
-        )
+        self._behind.submit(contract.name, lambda: self._refresh(contract, held, silver_version))
 
     def refresh_now(
         self,
         contract: SourceContract,
         inserted: Sequence[SilverInserts],
-        landed: list[tuple[datetime, ...]],
     ) -> GoldDone:
         """Refresh ``contract``'s gold tables up to silver's latest version, on the
         caller's thread: when nothing waits to overlap with, a hand-over only costs (and
@@ -81,7 +75,7 @@ class GoldBehind:
         """
         if self._behind.running(contract.name):
             raise RuntimeError(f"gold of {contract.name!r} is still being refreshed")
-        return self._refresh(contract, list(inserted), None, landed)
+        return self._refresh(contract, list(inserted), None)
 
     def take(self, source: str) -> GoldDone | None:
         """Wait for ``source``'s refresh in flight, if any; its failure is raised here."""
@@ -100,8 +94,7 @@ class GoldBehind:
         contract: SourceContract,
         inserted: list[SilverInserts],
         silver_version: int | None,
-        landed: list[tuple[datetime, ...]],
     ) -> GoldDone:
         started = time.perf_counter()
         results = self._gold.refresh(contract, inserted, silver_version=silver_version)
-        return GoldDone(results, time.perf_counter() - started, landed)
+        return GoldDone(results, time.perf_counter() - started)

@@ -213,6 +213,8 @@ class Processor:
         self._gold_refreshed_at: dict[str, float] = {}  # monotonic, per source
         # Landing times of the files each micro-batch carried that gold has yet to take in.
         self._awaiting_gold: dict[str, list[tuple[datetime, ...]]] = {}
+        # Those of them the gold refresh in flight (or just run) carries, per source.
+        self._gold_carrying: dict[str, list[tuple[datetime, ...]]] = {}
         # Silver's appended rows since gold's last refresh, per source, for gold to take
         # from memory; None once a promotion merged (gold reads the change feed then).
         self._silver_inserts: dict[str, list[SilverInserts] | None] = {}
@@ -240,6 +242,7 @@ class Processor:
                     self._bronze_done(source, outcome, report)
             for source, finished in self._gold_behind.drain().items():
                 if isinstance(finished, BaseException):
+                    self._gold_failed(source)
                     self._source_failed(source, finished, report)
                 else:
                     self._gold_finished(source, finished, report)
@@ -353,15 +356,24 @@ class Processor:
         here."""
         source = contract.name
         gold = self._gold_behind
-        self._gold_finished(source, gold.take(source), report)
-        held = self._silver_inserts.pop(source, None) or []
-        carried = self._awaiting_gold.pop(source, [])
-        silver = self._store.open("silver", source) if behind else None
-        if silver is not None:
-            gold.start(contract, held, silver.version(), carried)
-        else:
-            self._gold_finished(source, gold.refresh_now(contract, held, carried), report)
+        try:
+            self._gold_finished(source, gold.take(source), report)
+            held = self._silver_inserts.pop(source, None) or []
+            self._gold_carrying[source] = self._awaiting_gold.pop(source, [])
+            silver = self._store.open("silver", source) if behind else None
+            if silver is not None:
+                gold.start(contract, held, silver.version())
+            else:
+                self._gold_finished(source, gold.refresh_now(contract, held), report)
+        except BaseException:
+            self._gold_failed(source)
+            raise
         self._gold_refreshed_at[source] = time.monotonic()
+
+    def _gold_failed(self, source: str) -> None:
+        """A refresh failed: its micro-batches wait for gold's next one again."""
+        carried = self._gold_carrying.pop(source, [])
+        self._awaiting_gold[source] = carried + self._awaiting_gold.get(source, [])
 
     def _gold_finished(self, source: str, done: GoldDone | None, report: CycleReport) -> None:
         if done is None:
@@ -374,11 +386,12 @@ class Processor:
         for result in refreshed:
             metrics.stage_batches.labels("gold", result.table).inc()
             metrics.stage_rows.labels("gold", result.table).inc(result.groups_touched)
+        carried = self._gold_carrying.pop(source, [])
         contract = self._contracts.get(source)
-        if done.landed and contract is not None and contract.gold:
+        if carried and contract is not None and contract.gold:
             # These batches went all the way: bronze, silver, then gold.
-            metrics.observe_end_to_end(source, [min(landed) for landed in done.landed])
-            newest = max(max(landed) for landed in done.landed)
+            metrics.observe_end_to_end(source, [min(landed) for landed in carried])
+            newest = max(max(landed) for landed in carried)
             for result in refreshed:
                 metrics.record_gold_data(result.table, newest)
 

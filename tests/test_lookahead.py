@@ -232,3 +232,29 @@ def test_a_panic_behind_silver_is_one_source_failure_not_the_processors_end(
     assert processor.run_once().failures == []
     hourly = pl.read_delta(str(data_dir / "gold" / "readings_hourly"))
     assert hourly["count"].sum() == FILES * ROWS_PER_FILE
+
+
+def test_a_failed_gold_refresh_keeps_its_batches_for_the_end_to_end_figure(
+    backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refresh = GoldRefresher.refresh
+    failed: list[bool] = []
+
+    def failing_once(self: GoldRefresher, *args: object, **kwargs: object) -> object:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("gold hiccup")
+        return refresh(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GoldRefresher, "refresh", failing_once)
+    _land_backlog(backlog_settings.data_dir)
+    processor = Processor(backlog_settings, load_contracts())
+    assert "readings: gold hiccup" in processor.run_cycle().failures
+    assert processor.run_once().failures == []
+    counts = [
+        sample.value
+        for metric in processor.metrics.end_to_end.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_count")
+    ]
+    assert counts == [FILES]  # every micro-batch, the failed refresh's included
