@@ -125,20 +125,16 @@ def expire(table: DeltaTable, column: str, cutoff: datetime) -> int:
     recorded for rows a crash kept from being deleted keeps what derived from them,
     the safe side; a horizon recorded after the delete could be missing.
     """
+    mark = CommitProperties(custom_metadata={RETENTION_MARK: cutoff.isoformat()})
     horizon = retention_horizon(table)
     if (horizon is None or horizon < cutoff) and _may_hold_before(table, column, cutoff):
         table.alter.set_table_properties(
             {HORIZON_PROPERTY: cutoff.isoformat()},
             raise_if_not_exists=False,  # our own property, not one of Delta's
-            commit_properties=CommitProperties(
-                custom_metadata={RETENTION_MARK: cutoff.isoformat()}
-            ),
+            commit_properties=mark,
         )
         sync_commit(table, table.version())
-    metrics = table.delete(
-        f"\"{column}\" < '{cutoff.isoformat()}'",
-        commit_properties=CommitProperties(custom_metadata={RETENTION_MARK: cutoff.isoformat()}),
-    )
+    metrics = table.delete(f"\"{column}\" < '{cutoff.isoformat()}'", commit_properties=mark)
     deleted = int(metrics.get("num_deleted_rows", 0) or 0)
     if deleted:
         sync_commit(table, table.version())  # the delete moved it to its commit

@@ -52,6 +52,32 @@ def _silver_keys(data_dir: Path) -> pl.DataFrame:
     return pl.read_delta(str(data_dir / "silver" / "readings")).select("device_id", "sensor", "ts")
 
 
+def _fail_on_call(
+    monkeypatch: pytest.MonkeyPatch,
+    owner: type,
+    name: str,
+    error: BaseException,
+    *,
+    call: int = 1,
+    thread: str = "",
+) -> list[str]:
+    """Make ``owner.name`` raise ``error`` on its ``call``-th call from a thread whose
+    name starts with ``thread``; returns the names of those calls' threads."""
+    real = getattr(owner, name)
+    calls: list[str] = []
+
+    def failing(self: object, *args: object, **kwargs: object) -> object:
+        current = threading.current_thread().name
+        if current.startswith(thread):
+            calls.append(current)
+            if len(calls) == call:
+                raise error
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return calls
+
+
 def test_a_backlog_is_ingested_ahead_and_lands_exactly_once(
     backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,16 +115,8 @@ def test_a_backlog_is_ingested_ahead_and_lands_exactly_once(
 def test_a_failure_ahead_is_reported_for_its_source_and_retried(
     backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[str] = []
-    commit_claim = BronzeIngestor._commit_claim
-
-    def failing_once_ahead(self: BronzeIngestor, *args: object, **kwargs: object) -> object:
-        calls.append(threading.current_thread().name)
-        if calls[-1].startswith("bronze-ahead") and calls.count(calls[-1]) == 1:
-            raise RuntimeError("disk hiccup while ingesting ahead")
-        return commit_claim(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(BronzeIngestor, "_commit_claim", failing_once_ahead)
+    hiccup = RuntimeError("disk hiccup while ingesting ahead")
+    _fail_on_call(monkeypatch, BronzeIngestor, "_commit_claim", hiccup, thread="bronze-ahead")
     data_dir = backlog_settings.data_dir
     _land_backlog(data_dir)
     processor = Processor(backlog_settings, load_contracts())
@@ -117,16 +135,7 @@ def test_a_batch_ahead_of_a_failed_step_ends_with_its_cycle(
     """Silver fails once while the next batch is being ingested ahead: that batch is
     reported by the cycle it ran in, and the next cycle starts clean (no stale result,
     no stale failure), and nothing is lost or doubled."""
-    promote = SilverPromoter.promote
-    failed: list[bool] = []
-
-    def failing_once(self: SilverPromoter, *args: object, **kwargs: object) -> object:
-        if not failed:
-            failed.append(True)
-            raise RuntimeError("silver hiccup")
-        return promote(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(SilverPromoter, "promote", failing_once)
+    _fail_on_call(monkeypatch, SilverPromoter, "promote", RuntimeError("silver hiccup"))
     data_dir = backlog_settings.data_dir
     _land_backlog(data_dir)
     processor = Processor(backlog_settings, load_contracts())
@@ -200,29 +209,12 @@ class _Panic(BaseException):
 def test_a_panic_behind_silver_is_one_source_failure_not_the_processors_end(
     backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refresh = GoldRefresher.refresh
-    panicked: list[str] = []
-
-    def panicking_once_behind(self: GoldRefresher, *args: object, **kwargs: object) -> object:
-        name = threading.current_thread().name
-        if name.startswith("gold-behind") and not panicked:
-            panicked.append(name)
-            raise _Panic("deltalake panicked")
-        return refresh(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    promote = SilverPromoter.promote
-    promotions: list[int] = []
-
-    def failing_second(self: SilverPromoter, *args: object, **kwargs: object) -> object:
-        # The source's step fails right after gold went behind: the cycle ends, and
-        # only its drain meets the panic.
-        promotions.append(1)
-        if len(promotions) == 2:
-            raise RuntimeError("silver hiccup")
-        return promote(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(GoldRefresher, "refresh", panicking_once_behind)
-    monkeypatch.setattr(SilverPromoter, "promote", failing_second)
+    panic = _Panic("deltalake panicked")
+    panicked = _fail_on_call(monkeypatch, GoldRefresher, "refresh", panic, thread="gold-behind")
+    # The source's step fails right after gold went behind: the cycle ends, and only its
+    # drain meets the panic.
+    hiccup = RuntimeError("silver hiccup")
+    _fail_on_call(monkeypatch, SilverPromoter, "promote", hiccup, call=2)
     data_dir = backlog_settings.data_dir
     _land_backlog(data_dir)
     processor = Processor(backlog_settings, load_contracts())
@@ -237,16 +229,7 @@ def test_a_panic_behind_silver_is_one_source_failure_not_the_processors_end(
 def test_a_failed_gold_refresh_keeps_its_batches_for_the_end_to_end_figure(
     backlog_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    refresh = GoldRefresher.refresh
-    failed: list[bool] = []
-
-    def failing_once(self: GoldRefresher, *args: object, **kwargs: object) -> object:
-        if not failed:
-            failed.append(True)
-            raise RuntimeError("gold hiccup")
-        return refresh(self, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(GoldRefresher, "refresh", failing_once)
+    _fail_on_call(monkeypatch, GoldRefresher, "refresh", RuntimeError("gold hiccup"))
     _land_backlog(backlog_settings.data_dir)
     processor = Processor(backlog_settings, load_contracts())
     assert "readings: gold hiccup" in processor.run_cycle().failures
