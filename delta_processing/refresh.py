@@ -206,11 +206,11 @@ def _kept_winners(
     keys, seq = contract.keys, contract.sequence
     if seq is None:
         return past.join(rebuilt.select(keys), on=keys, how="anti", nulls_equal=True)
-    rival = f"{seq}\x01rebuilt"
-    against = rebuilt.select([*keys, pl.col(seq).alias(rival), pl.lit(True).alias("\x01has")])
+    rival, matched = f"{seq}\x01rebuilt", "\x01matched"  # names no field can take
+    against = rebuilt.select([*keys, pl.col(seq).alias(rival), pl.lit(True).alias(matched)])
     joined = past.join(against, on=keys, how="left", nulls_equal=True)
-    wins = pl.col("\x01has").is_null() | (pl.col(seq) > pl.col(rival)).fill_null(False)
-    return joined.filter(wins).drop(rival, "\x01has")
+    wins = pl.col(matched).is_null() | (pl.col(seq) > pl.col(rival)).fill_null(False)
+    return joined.filter(wins).drop(rival, matched)
 
 
 def backfill(
